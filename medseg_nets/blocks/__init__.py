@@ -1,0 +1,1 @@
+"""Network building blocks, each naming the paper it comes from."""

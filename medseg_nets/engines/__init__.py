@@ -1,0 +1,5 @@
+"""Batch preparation for MONAI engines."""
+
+from .prepare_batch import PrepareBatchWithIdentifier
+
+__all__ = ["PrepareBatchWithIdentifier"]

@@ -1,0 +1,17 @@
+"""Small utilities: crash-safe writes and distributed/device helpers."""
+
+from .dist import cleanup_distributed, ddp_wrap, get_device, get_rank, init_distributed, rank_zero_only
+from .fileio import atomic_torch_save, atomic_write, atomic_write_json, atomic_write_text
+
+__all__ = [
+    "atomic_torch_save",
+    "atomic_write",
+    "atomic_write_json",
+    "atomic_write_text",
+    "cleanup_distributed",
+    "ddp_wrap",
+    "get_device",
+    "get_rank",
+    "init_distributed",
+    "rank_zero_only",
+]
