@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from . import data, engines, handlers, nets, transforms, utils  # noqa: E402  (subpackages usable from configs)
+from . import data, engines, handlers, losses, nets, transforms, utils  # noqa: E402  (subpackages usable from configs)
 from .errors import InputDataError  # noqa: E402
 
-__all__ = ["InputDataError", "data", "engines", "handlers", "nets", "transforms", "utils", "__version__"]
+__all__ = ["InputDataError", "data", "engines", "handlers", "losses", "nets", "transforms", "utils", "__version__"]
