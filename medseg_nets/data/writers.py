@@ -57,14 +57,12 @@ class NiftiLikeInputWriter(NibabelWriter):
         if like is None:
             atomic_write(filename, lambda tmp: NibabelWriter.write(self, tmp, verbose=verbose, **obj_kwargs))
             return
-        affine, header = like
+        _, header = like
         if self.output_dtype is not None:
             data = data.astype(self.output_dtype, copy=False)
         header.set_data_dtype(data.dtype)
         header.set_data_shape(data.shape)
         header["scl_slope"], header["scl_inter"] = 1.0, 0.0
         header["intent_code"] = 0
-        img = nib.Nifti1Image(data, affine, header=header)
-        img.set_sform(affine, code=int(header["sform_code"]) or 1)
-        img.set_qform(affine, code=int(header["qform_code"]) or 1)
+        img = nib.Nifti1Image(data, None, header=header)  # affine=None keeps the source's qform/sform and their codes
         atomic_write(filename, lambda tmp: nib.save(img, tmp))

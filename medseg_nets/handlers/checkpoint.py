@@ -118,6 +118,18 @@ class BestModelSaver:
         self.best_epoch = int(state.get("best_epoch", -1))
 
 
+def _as_bool(value: Any) -> bool:
+    """``--resume true`` arrives from the command line as the string 'true'; accept the usual spellings."""
+    if isinstance(value, str):
+        v = value.strip().lower()
+        if v in ("1", "true", "yes", "on"):
+            return True
+        if v in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError(f"expected a boolean (true/false), got {value!r}")
+    return bool(value)
+
+
 def _missing_weights_message(path: Path) -> str:
     return (
         f"checkpoint {path} not found: train the bundle first (python -m monai.bundle run --config_file "
@@ -143,7 +155,7 @@ class ResumeFromCheckpoint:
         map_location: Any = None,
         engine_key: str | None = "trainer",
     ) -> None:
-        self.enabled = bool(enabled)
+        self.enabled = _as_bool(enabled)
         self.path = Path(ckpt_dir) / filename
         if self.enabled and not self.path.is_file():
             raise FileNotFoundError(
@@ -164,11 +176,15 @@ class ResumeFromCheckpoint:
 
 
 class CheckpointLoader(_MonaiCheckpointLoader):
-    """MONAI's ``CheckpointLoader`` that fails at construction, with a message saying how to get weights,
-    when ``load_path`` does not exist (MONAI's fails only when the engine starts, with a bare ``FileNotFoundError``).
-    DDP-wrapped networks in ``load_dict`` are unwrapped."""
+    """MONAI's ``CheckpointLoader`` whose missing-file error says how to get weights (MONAI's is a bare
+    ``FileNotFoundError``). The check runs when the engine starts, before any output is written, so that a
+    workflow can still be built and inspected (e.g. ``check_properties()``) without weights. DDP-wrapped networks in
+    ``load_dict`` are unwrapped."""
 
     def __init__(self, load_path: str, load_dict: dict, *args: Any, **kwargs: Any) -> None:
-        if not Path(load_path).is_file():
-            raise FileNotFoundError(_missing_weights_message(Path(load_path)))
         super().__init__(load_path, {k: unwrap(v) for k, v in load_dict.items()}, *args, **kwargs)
+
+    def __call__(self, engine: Engine) -> None:
+        if not Path(self.load_path).is_file():
+            raise FileNotFoundError(_missing_weights_message(Path(self.load_path)))
+        super().__call__(engine)

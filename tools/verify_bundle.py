@@ -1,0 +1,180 @@
+#!/usr/bin/env python
+"""Check a bundle the way the MONAI Model Zoo's CI does, offline.
+
+Checks, in order (each prints PASS/FAIL with the reason):
+  1. required files (configs/metadata.json, LICENSE, configs/inference.json, and this project's
+     train/evaluate/multi_gpu_train/logging configs, docs/README.md, docs/data_license.txt);
+  2. metadata: the version is listed in the changelog and the fields the zoo's metadata schema requires are present
+     (checked here because ``verify_metadata`` downloads the schema, which needs a network);
+  3. ``create_workflow(workflow_type="inference"/"train")`` and ``check_properties()`` report nothing missing;
+  4. ``verify_net_in_out``: the network accepts the declared input shape and yields the declared output;
+  5. ``ckpt_export`` to TorchScript, and the exported module's output equals the eager network's.
+
+Usage:
+    python tools/verify_bundle.py bundles/dalight3d [--skip-export] [--n 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # make_demo_data, when imported from elsewhere
+
+REQUIRED_FILES = ["configs/metadata.json", "LICENSE", "configs/inference.json"]
+PROJECT_FILES = [
+    "configs/train.json",
+    "configs/evaluate.json",
+    "configs/multi_gpu_train.json",
+    "configs/logging.conf",
+    "docs/README.md",
+    "docs/data_license.txt",
+]
+# required by meta_schema_20220324.json (the schema URL in metadata.json), plus this project's own conventions
+REQUIRED_META = [
+    "schema", "version", "changelog", "monai_version", "pytorch_version", "numpy_version",
+    "required_packages_version", "task", "description", "authors", "copyright", "network_data_format",
+    "intended_use", "references",
+]
+REQUIRED_IO = ["type", "format", "num_channels", "spatial_shape", "dtype", "value_range", "is_patch_data", "channel_def"]
+
+
+def check_files(bundle: Path) -> list[str]:
+    return [f"missing {f}" for f in REQUIRED_FILES + PROJECT_FILES if not (bundle / f).is_file()]
+
+
+def check_metadata(bundle: Path) -> list[str]:
+    meta = json.loads((bundle / "configs/metadata.json").read_text())
+    errors = [f"metadata.json lacks '{k}'" for k in REQUIRED_META if k not in meta]
+    if meta.get("version") not in meta.get("changelog", {}):
+        errors.append(f"version {meta.get('version')} is not a key of the changelog")
+    if "medseg-nets" not in meta.get("required_packages_version", {}):
+        errors.append("required_packages_version must list medseg-nets")
+    fmt = meta.get("network_data_format", {})
+    for part in ("inputs", "outputs"):
+        if not fmt.get(part):
+            errors.append(f"network_data_format lacks '{part}'")
+        for name, spec in fmt.get(part, {}).items():
+            errors += [f"network_data_format.{part}.{name} lacks '{k}'" for k in REQUIRED_IO if k not in spec]
+    return errors
+
+
+def check_properties(bundle: Path) -> list[str]:
+    """``check_properties()`` instantiates the datasets, so the bundle's datalist needs data in its real format:
+    a tiny generated dataset stands in for ``dataset_dir``."""
+    from monai.bundle import create_workflow
+
+    from make_demo_data import make_dataset
+
+    errors = []
+    with tempfile.TemporaryDirectory() as tmp:
+        data = make_dataset(Path(tmp) / "data", cases=3, test=1, size=(32, 32, 24))
+        for wtype, files in (("inference", ["configs/inference.json"]), ("train", ["configs/train.json"])):
+            wf = create_workflow(
+                config_file=[str(bundle / f) for f in files],
+                workflow_type=wtype,
+                meta_file=str(bundle / "configs/metadata.json"),
+                logging_file=str(bundle / "configs/logging.conf"),
+                bundle_root=str(bundle),
+                dataset_dir=str(data),
+                output_dir=str(Path(tmp) / "out"),
+                ckpt_dir=str(Path(tmp) / "models"),
+            )
+            wf.initialize()
+            missing = wf.check_properties()
+            if missing:
+                errors.append(f"{wtype} workflow misses properties {missing}")
+    return errors
+
+
+def _spatial_shape(meta: dict, n: int) -> list[int]:
+    spec = meta["network_data_format"]["inputs"]["image"]
+    return [int(eval(str(s), {"n": n})) for s in spec["spatial_shape"]]  # e.g. "8*n"
+
+
+def check_net_in_out(bundle: Path, n: int) -> list[str]:
+    from monai.bundle import verify_net_in_out
+
+    verify_net_in_out(
+        net_id="network_def",
+        meta_file=str(bundle / "configs/metadata.json"),
+        config_file=str(bundle / "configs/inference.json"),
+        n=n,
+        device="cpu",
+    )
+    return []
+
+
+def check_export(bundle: Path, n: int) -> list[str]:
+    import torch
+    from monai.bundle import ConfigParser, ckpt_export
+
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs/inference.json"))
+    parser.read_meta(str(bundle / "configs/metadata.json"))
+    parser["bundle_root"] = str(bundle)
+    net = parser.get_parsed_content("network_def").eval()
+    meta = parser.get("_meta_")
+    shape = [1, meta["network_data_format"]["inputs"]["image"]["num_channels"]] + _spatial_shape(meta, n)
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = bundle / "models/model.pt"
+        if weights.is_file():
+            net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        else:  # no trained weights yet: export a randomly initialised network
+            weights = Path(tmp) / "model.pt"
+            torch.save(net.state_dict(), weights)
+        ts_path = Path(tmp) / "model.ts"
+        ckpt_export(
+            net_id="network_def",
+            filepath=str(ts_path),
+            ckpt_file=str(weights),
+            meta_file=str(bundle / "configs/metadata.json"),
+            config_file=str(bundle / "configs/inference.json"),
+            bundle_root=str(bundle),
+        )
+        scripted = torch.jit.load(str(ts_path), map_location="cpu").eval()
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            ref, out = net(x), scripted(x)
+        if ref.shape != out.shape or not torch.allclose(ref, out, atol=1e-4, rtol=1e-4):
+            return [f"TorchScript output differs from eager (max abs diff {float((ref - out).abs().max()):.3g})"]
+    return []
+
+
+def verify(bundle: str | Path, n: int = 4, export: bool = True, log: Callable[[str], None] = print) -> list[str]:
+    """Run every check; return the list of failures (empty when the bundle passes)."""
+    bundle = Path(bundle).resolve()
+    checks = [("files", check_files), ("metadata", check_metadata), ("properties", check_properties),
+              ("verify_net_in_out", lambda b: check_net_in_out(b, n))]
+    if export:
+        checks.append(("ckpt_export", lambda b: check_export(b, n)))
+    failures = []
+    for name, fn in checks:
+        try:
+            errors = fn(bundle)
+        except Exception as e:  # a crash in a check is a failure of that check
+            errors = [f"{type(e).__name__}: {e}"]
+        log(f"{'PASS' if not errors else 'FAIL'} {bundle.name}: {name}" + "".join(f"\n    {e}" for e in errors))
+        failures += [f"{name}: {e}" for e in errors]
+        if name in ("files", "metadata") and errors:
+            break  # later checks need the files
+    return failures
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("bundles", nargs="+")
+    p.add_argument("--n", type=int, default=4, help="value of n in the declared spatial shape, e.g. 8*n")
+    p.add_argument("--skip-export", action="store_true")
+    a = p.parse_args()
+    failed = [f for b in a.bundles for f in verify(b, a.n, not a.skip_export)]
+    print(f"{len(failed)} failure(s)" if failed else "all checks passed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
