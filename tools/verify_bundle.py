@@ -40,6 +40,38 @@ REQUIRED_META = [
     "required_packages_version", "task", "description", "authors", "copyright", "network_data_format",
     "intended_use", "references",
 ]
+def _msd_data(root: Path) -> Path:
+    from make_demo_data import make_dataset
+
+    return make_dataset(root / "data", cases=3, test=1, size=(32, 32, 24))
+
+
+def _skin_data(root: Path) -> Path:
+    from make_demo_data import make_skin_dataset
+
+    return make_skin_dataset(root / "data", cases=3, size=(40, 48), layout="isic2018", test=1)
+
+
+def _emcad_brats_data(root: Path) -> Path:
+    from make_demo_data import make_brats_dataset
+
+    return make_brats_dataset(root / "data", cases=3, size=(32, 32, 16), convention="2021")
+
+
+def _glims_brats_data(root: Path) -> Path:
+    from make_demo_data import make_brats_dataset
+
+    return make_brats_dataset(root / "data", cases=3, size=(32, 32, 32), convention="2021")
+
+
+# bundle name -> function(tmp_root) -> dataset_dir: a tiny generated dataset in the bundle's real input format
+DEMO_DATA: dict[str, Callable[[Path], Path]] = {
+    "dalight3d": _msd_data,
+    "eamnet": _skin_data,
+    "emcad": _emcad_brats_data,
+    "glims": _glims_brats_data,
+}
+
 REQUIRED_IO = ["type", "format", "num_channels", "spatial_shape", "dtype", "value_range", "is_patch_data", "channel_def"]
 
 
@@ -68,11 +100,9 @@ def check_properties(bundle: Path) -> list[str]:
     a tiny generated dataset stands in for ``dataset_dir``."""
     from monai.bundle import create_workflow
 
-    from make_demo_data import make_dataset
-
     errors = []
     with tempfile.TemporaryDirectory() as tmp:
-        data = make_dataset(Path(tmp) / "data", cases=3, test=1, size=(32, 32, 24))
+        data = DEMO_DATA.get(bundle.name, _msd_data)(Path(tmp))
         for wtype, files in (("inference", ["configs/inference.json"]), ("train", ["configs/train.json"])):
             wf = create_workflow(
                 config_file=[str(bundle / f) for f in files],

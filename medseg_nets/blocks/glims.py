@@ -1,10 +1,15 @@
-"""Building blocks of GLIMS (Yazici et al., "GLIMS: Attention-Guided Lightweight Multi-Scale Hybrid Network for
-Volumetric Semantic Segmentation", arXiv 2404.17854).
+# Copyright (c) medseg-bundles contributors
+# Licensed under the Apache License, Version 2.0
+"""Building blocks of GLIMS (Yazici, Oksuz, Ekenel, "GLIMS: Attention-Guided Lightweight Multi-Scale Hybrid Network
+for Volumetric Semantic Segmentation", arXiv 2404.17854).
 
-All blocks work on 3D feature maps ``(B, C, D, H, W)``; the Swin parts (:class:`SwinStage3D` and below) are
-written from scratch (same parameter shapes as MONAI's ``SwinTransformerBlock`` / ``PatchMerging``) so that the
-whole network can be compiled with TorchScript and computes correct relative positions when a window is clamped
-to a feature map smaller than the nominal window.
+All blocks work on channels-first 3D feature maps ``(B, C, D, H, W)``. ``Conv-IN-PReLU`` below is a convolution
+with bias, an InstanceNorm without affine parameters and a one-parameter PReLU (MONAI ``Convolution`` defaults
+with ``norm="instance"``, ``act="prelu"``). The Swin parts (:class:`SwinStage3D` and below) are written from
+scratch with MONAI's parameter names (``norm1``, ``attn.qkv``, ``attn.proj``, ``attn.relative_position_bias_table``,
+``norm2``, ``mlp.linear1``, ``mlp.fn``, ``mlp.linear2``; ``norm``/``reduction`` for patch merging) so that the
+whole network compiles with TorchScript and uses the right relative positions when a window is clamped to a
+feature map smaller than the nominal window.
 """
 
 from __future__ import annotations
@@ -17,14 +22,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = [
+    "conv_in_prelu",
     "DACB",
     "DMSFBlock",
     "CSAB",
     "DMSUBlock",
+    "channel_layer_norm",
     "WindowAttention3D",
+    "SwinMlp",
     "SwinBlock3D",
     "PatchMerging3D",
+    "PatchExpand3D",
+    "PositionEmbedding3D",
     "SwinStage3D",
+    "SwinUpStage3D",
     "effective_window",
     "relative_position_index",
     "shifted_window_mask",
@@ -33,41 +44,59 @@ __all__ = [
 ]
 
 
+def conv_in_prelu(
+    in_channels: int, out_channels: int, kernel_size: int = 1, stride: int = 1, transposed: bool = False
+) -> nn.Sequential:
+    """``Conv (bias) -> InstanceNorm (no affine) -> PReLU (1 parameter)``; kernel 1 or ``kernel == stride``
+    (no padding). ``transposed`` builds a transposed convolution (up-sampling by ``stride``)."""
+    conv: nn.Module
+    if transposed:
+        conv = nn.ConvTranspose3d(in_channels, out_channels, kernel_size, stride=stride)
+    else:
+        conv = nn.Conv3d(in_channels, out_channels, kernel_size, stride=stride)
+    return nn.Sequential(conv, nn.InstanceNorm3d(out_channels), nn.PReLU())
+
+
 class DACB(nn.Module):
     """Dilated feature Aggregator Convolutional Block (GLIMS, arXiv 2404.17854, Sec. 3.1).
 
-    Three parallel depth-wise 3x3x3 convolutions with dilations ``d`` in (1, 2, 3), each followed by a per-channel
-    GroupNorm and a PReLU, give ``Z_d``; they are concatenated, embedded by a point-wise convolution and projected
-    back to the input width by a second point-wise convolution, added to the input, then normalised:
+    Three parallel depth-wise 3x3x3 convolutions with dilation ``d`` in (1, 2, 3) (bias, ``GroupNorm`` with one
+    group per channel, PReLU) give ``Z_d``; their concatenation is embedded by a point-wise ``Conv-IN-PReLU``
+    to ``E`` channels and projected back to ``C`` by a second one; the input is added and the sum normalised:
 
     ``Z_d = PReLU(GN(DWConv_d(x)))``,
-    ``y = PReLU(IN(PW_2(PW_1([Z_1, Z_2, Z_3])) + x))``.
+    ``y = PReLU(IN(P_2(P_1([Z_1, Z_2, Z_3])) + x))``, ``P_i = PReLU(IN(Conv_{1x1x1}(.)))``.
 
-    The shape is preserved. The embedding width of ``PW_1`` is ``round(embed_ratio * channels)`` (the paper and the
-    description do not give it; 2.5 is the ratio that reproduces the reference FLOPs, see :class:`GLIMS`).
+    The shape is preserved. ``E = embed_channels`` (GLIMS uses ``2C`` everywhere).
+
+    ``spare_act``: the reference implementation builds one more PReLU in every DACB that its forward never uses
+    (1 parameter). It is reproduced, frozen (``requires_grad=False``) so that it cannot trouble
+    ``DistributedDataParallel``, only so that the parameter count equals the reference (16 such parameters in
+    GLIMS); it does not take part in the computation.
 
     Args:
-        channels: number of input (= output) channels.
-        embed_ratio: embedding width of the first point-wise convolution, relative to ``channels``.
+        channels: number of input (= output) channels ``C``.
+        embed_channels: width ``E`` of the first point-wise convolution; default ``2C``.
         dilations: dilation of each depth-wise branch.
         kernel_size: kernel size of the depth-wise convolutions.
+        spare_act: build the unused, frozen PReLU of the reference.
     """
 
     def __init__(
-        self, channels: int, embed_ratio: float = 2.5, dilations: Sequence[int] = (1, 2, 3), kernel_size: int = 3
+        self,
+        channels: int,
+        embed_channels: Optional[int] = None,
+        dilations: Sequence[int] = (1, 2, 3),
+        kernel_size: int = 3,
+        spare_act: bool = True,
     ) -> None:
         super().__init__()
-        embed_channels = max(1, int(round(channels * embed_ratio)))
+        embed = 2 * channels if embed_channels is None else int(embed_channels)
         self.branches = nn.ModuleList(
             [
                 nn.Sequential(
                     nn.Conv3d(
-                        channels,
-                        channels,
-                        kernel_size,
-                        padding=d * (kernel_size // 2),
-                        dilation=d,
-                        groups=channels,
+                        channels, channels, kernel_size, padding=d * (kernel_size // 2), dilation=d, groups=channels
                     ),
                     nn.GroupNorm(channels, channels),
                     nn.PReLU(),
@@ -75,10 +104,13 @@ class DACB(nn.Module):
                 for d in dilations
             ]
         )
-        self.embed = nn.Conv3d(len(dilations) * channels, embed_channels, kernel_size=1)
-        self.project = nn.Conv3d(embed_channels, channels, kernel_size=1)
+        self.embed = conv_in_prelu(len(dilations) * channels, embed)
+        self.project = conv_in_prelu(embed, channels)
         self.norm = nn.InstanceNorm3d(channels)
         self.act = nn.PReLU()
+        if spare_act:
+            self.spare_act = nn.PReLU()
+            self.spare_act.weight.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feats: List[torch.Tensor] = []
@@ -91,20 +123,20 @@ class DACB(nn.Module):
 class DMSFBlock(nn.Module):
     """Down-sampling encoder stage of GLIMS (DMSF, arXiv 2404.17854, Sec. 3.1).
 
-    Two :class:`DACB` at the input width, then a 2x2x2 stride-2 convolution that halves the resolution and
-    changes the width: ``s = DACB(DACB(x))``, ``y = Conv_{2x2x2, s=2}(s)``. Returns ``(s, y)``; ``s`` is the skip.
+    Two :class:`DACB` (embedding ``2C``) at the input width, then a 2x2x2 stride-2 ``Conv-IN-PReLU`` that halves
+    the resolution and changes the width: ``s = DACB(DACB(x))``, ``y = PReLU(IN(Conv_{2x2x2, s=2}(s)))``.
+    Returns ``(s, y)``; ``s`` is the skip.
 
     Args:
         in_channels: width of the stage (and of the skip).
         out_channels: width after down-sampling.
-        embed_ratio: see :class:`DACB`.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, embed_ratio: float = 2.5) -> None:
+    def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
-        self.dacb1 = DACB(in_channels, embed_ratio)
-        self.dacb2 = DACB(in_channels, embed_ratio)
-        self.down = nn.Conv3d(in_channels, out_channels, kernel_size=2, stride=2)
+        self.dacb1 = DACB(in_channels, 2 * in_channels)
+        self.dacb2 = DACB(in_channels, 2 * in_channels)
+        self.down = conv_in_prelu(in_channels, out_channels, kernel_size=2, stride=2)
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         skip = self.dacb2(self.dacb1(x))
@@ -114,70 +146,85 @@ class DMSFBlock(nn.Module):
 class CSAB(nn.Module):
     """Channel and Spatial-wise Attention Block (GLIMS, arXiv 2404.17854, Sec. 3.3), applied to a skip.
 
-    Two attention maps are computed in parallel from max- and average-pooled features and both multiply the input
-    (CBAM's gates, Woo et al. 2018, in the parallel arrangement of the paper):
+    Two gates computed in parallel from the same input (CBAM's gates, Woo et al. 2018) multiply it:
 
-    ``M_c = sigmoid(MLP(AvgPool_s(x)) + MLP(MaxPool_s(x)))`` with a weight-shared MLP ``C -> C/r -> C``,
-    ``M_s = sigmoid(Conv_{k^3}([Mean_c(x), Max_c(x)]))``,
+    ``M_c = sigmoid(MLP(AvgPool(x)) + MLP(MaxPool(x)))``, weight-shared ``MLP = Linear(C, C/r) -> ReLU ->
+    Linear(C/r, C)`` (``r = 2``),
+    ``M_s = sigmoid(PReLU(N(Conv_{7x7x7}([Max_c(x), Mean_c(x)]))))`` (convolution without bias, padding 3),
     ``y = x * M_c * M_s``.
 
-    ``spatial_kernel_size`` is 1 by default (the FLOP budget of the reference GLIMS leaves no room for CBAM's 7^3
-    kernel, see :class:`~medseg_nets.nets.glims.GLIMS`); 7 gives CBAM's spatial gate.
+    The norm ``N`` has one weight and one bias. The reference applies a ``LayerNorm`` over the channel axis of this
+    one-channel map, which normalises every voxel to 0 and turns ``M_s`` into a constant; ``spatial_norm="layer"``
+    reproduces that exactly. The default ``"instance"`` normalises the map over its voxels (affine, the same two
+    parameters; ``GroupNorm(1, 1)``), so that ``M_s`` is the spatial attention map the paper describes.
 
     Args:
-        channels: number of channels.
-        reduction: MLP reduction ratio ``r``; the hidden width is ``max(channels // reduction, min_hidden)``.
-        min_hidden: smallest hidden width of the MLP.
+        channels: number of channels ``C``.
+        reduction: MLP reduction ratio ``r``; hidden width ``max(C // r, 1)``.
         spatial_kernel_size: kernel size of the spatial-attention convolution.
+        spatial_norm: ``"instance"`` (default) or ``"layer"`` (the reference's, degenerate).
     """
 
     def __init__(
-        self, channels: int, reduction: int = 16, min_hidden: int = 8, spatial_kernel_size: int = 1
+        self, channels: int, reduction: int = 2, spatial_kernel_size: int = 7, spatial_norm: str = "instance"
     ) -> None:
         super().__init__()
-        hidden = max(channels // reduction, min_hidden)
-        self.mlp = nn.Sequential(
-            nn.Conv3d(channels, hidden, kernel_size=1), nn.ReLU(inplace=True), nn.Conv3d(hidden, channels, 1)
-        )
-        self.spatial = nn.Conv3d(2, 1, spatial_kernel_size, padding=spatial_kernel_size // 2)
+        if spatial_norm not in ("instance", "layer"):
+            raise ValueError(f"spatial_norm must be 'instance' or 'layer', got {spatial_norm!r}.")
+        hidden = max(channels // reduction, 1)
+        self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(), nn.Linear(hidden, channels))
+        self.spatial = nn.Conv3d(2, 1, spatial_kernel_size, padding=spatial_kernel_size // 2, bias=False)
+        self.channel_last_norm = spatial_norm == "layer"
+        self.spatial_norm: nn.Module = nn.LayerNorm(1) if self.channel_last_norm else nn.GroupNorm(1, 1)
+        self.spatial_act = nn.PReLU()
 
     def attention_maps(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Return the channel gate ``(B, C, 1, 1, 1)`` and the spatial gate ``(B, 1, D, H, W)``, both in (0, 1)."""
-        avg = torch.mean(x, dim=(2, 3, 4), keepdim=True)
-        mx = torch.amax(x, dim=(2, 3, 4), keepdim=True)
-        channel_gate = torch.sigmoid(self.mlp(avg) + self.mlp(mx))
-        pooled = torch.cat([torch.mean(x, dim=1, keepdim=True), torch.amax(x, dim=1, keepdim=True)], dim=1)
-        spatial_gate = torch.sigmoid(self.spatial(pooled))
+        b, c = int(x.shape[0]), int(x.shape[1])
+        avg = torch.mean(x, dim=(2, 3, 4))
+        mx = torch.amax(x, dim=(2, 3, 4))
+        channel_gate = torch.sigmoid(self.mlp(avg) + self.mlp(mx)).view(b, c, 1, 1, 1)
+        pooled = torch.cat([torch.amax(x, dim=1, keepdim=True), torch.mean(x, dim=1, keepdim=True)], dim=1)
+        s = self.spatial(pooled)
+        if self.channel_last_norm:
+            s = self.spatial_norm(s.permute(0, 2, 3, 4, 1)).permute(0, 4, 1, 2, 3)
+        else:
+            s = self.spatial_norm(s)
+        spatial_gate = torch.sigmoid(self.spatial_act(s))
         return channel_gate, spatial_gate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         channel_gate, spatial_gate = self.attention_maps(x)
-        return x * channel_gate * spatial_gate
+        return x * (channel_gate * spatial_gate)
 
 
 class DMSUBlock(nn.Module):
     """Up-sampling decoder stage of GLIMS (DMSU, arXiv 2404.17854, Sec. 3.4).
 
-    ``u = IN(ConvT_{2x2x2, s=2}(x))``, ``y = DACB(DACB(Conv_{1x1x1}([u, skip])))``.
+    ``u = PReLU(IN(ConvT_{2x2x2, s=2}(x)))``, ``y = DACB(DACB(PReLU(IN(Conv_{1x1x1}([u, skip])))))``; the DACBs
+    work at the output width ``C_out`` with embedding width ``C_in`` (``= 2 C_out`` in GLIMS).
 
     Args:
-        in_channels: width of the deeper feature map.
-        out_channels: width of the skip and of the output.
-        embed_ratio: see :class:`DACB`.
+        in_channels: width of the deeper feature map ``C_in``.
+        out_channels: width of the skip and of the output ``C_out``.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, embed_ratio: float = 2.5) -> None:
+    def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
-        self.up = nn.ConvTranspose3d(in_channels, out_channels, kernel_size=2, stride=2)
-        self.up_norm = nn.InstanceNorm3d(out_channels)
-        self.fuse = nn.Conv3d(2 * out_channels, out_channels, kernel_size=1)
-        self.dacb1 = DACB(out_channels, embed_ratio)
-        self.dacb2 = DACB(out_channels, embed_ratio)
+        self.up = conv_in_prelu(in_channels, out_channels, kernel_size=2, stride=2, transposed=True)
+        self.fuse = conv_in_prelu(2 * out_channels, out_channels)
+        self.dacb1 = DACB(out_channels, in_channels)
+        self.dacb2 = DACB(out_channels, in_channels)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        u = self.up_norm(self.up(x))
-        y = self.fuse(torch.cat([u, skip], dim=1))
+        y = self.fuse(torch.cat([self.up(x), skip], dim=1))
         return self.dacb2(self.dacb1(y))
+
+
+def channel_layer_norm(x: torch.Tensor) -> torch.Tensor:
+    """Layer norm over the channels of a channels-first map, without parameters (MONAI SwinViT's ``proj_out``)."""
+    y = F.layer_norm(x.permute(0, 2, 3, 4, 1), [int(x.shape[1])])
+    return y.permute(0, 4, 1, 2, 3).contiguous()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -255,7 +302,7 @@ class WindowAttention3D(nn.Module):
     Args:
         dim: token width.
         num_heads: number of heads (must divide ``dim``).
-        window_size: nominal window ``M`` per axis; smaller windows index the same table.
+        window_size: nominal window ``M`` per axis; smaller (clamped) windows index the same table.
         qkv_bias: learnable bias of the query/key/value projection.
     """
 
@@ -289,15 +336,19 @@ class WindowAttention3D(nn.Module):
 
 
 class SwinMlp(nn.Module):
-    """Two-layer MLP of a Swin block: ``Linear(C, rC) -> GELU -> Linear(rC, C)``."""
+    """Two-layer MLP of a Swin block: ``linear2(fn(linear1(x)))``, ``Linear(C, rC) -> act -> Linear(rC, C)``
+    (MONAI ``MLPBlock`` names). ``act``: ``"prelu"`` (one parameter; GLIMS) or ``"gelu"`` (Swin's default)."""
 
-    def __init__(self, dim: int, hidden: int) -> None:
+    def __init__(self, dim: int, hidden: int, act: str = "prelu") -> None:
         super().__init__()
+        if act not in ("prelu", "gelu"):
+            raise ValueError(f"act must be 'prelu' or 'gelu', got {act!r}.")
         self.linear1 = nn.Linear(dim, hidden)
+        self.fn: nn.Module = nn.PReLU() if act == "prelu" else nn.GELU()
         self.linear2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear2(F.gelu(self.linear1(x)))
+        return self.linear2(self.fn(self.linear1(x)))
 
 
 class SwinBlock3D(nn.Module):
@@ -315,6 +366,7 @@ class SwinBlock3D(nn.Module):
         shift: whether this block uses shifted windows.
         mlp_ratio: hidden width of the MLP relative to ``dim``.
         qkv_bias: learnable bias of the query/key/value projection.
+        mlp_act: activation of the MLP (see :class:`SwinMlp`).
     """
 
     def __init__(
@@ -325,16 +377,22 @@ class SwinBlock3D(nn.Module):
         shift: bool,
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
+        mlp_act: str = "prelu",
     ) -> None:
         super().__init__()
         self.shift = shift
         self.norm1 = nn.LayerNorm(dim)
         self.attn = WindowAttention3D(dim, num_heads, window_size, qkv_bias)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = SwinMlp(dim, int(dim * mlp_ratio))
+        self.mlp = SwinMlp(dim, int(dim * mlp_ratio), mlp_act)
 
     def forward(
-        self, x: torch.Tensor, window: List[int], shifts: List[int], rel_index: torch.Tensor, mask: Optional[torch.Tensor]
+        self,
+        x: torch.Tensor,
+        window: List[int],
+        shifts: List[int],
+        rel_index: torch.Tensor,
+        mask: Optional[torch.Tensor],
     ) -> torch.Tensor:
         b, d, h, w, c = x.shape
         y = self.norm1(x)
@@ -360,30 +418,112 @@ class SwinBlock3D(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class PatchMerging3D(nn.Module):
-    """Patch merging (Swin, arXiv 2103.14030, Sec. 3.3), 3D: concatenate each 2x2x2 neighbourhood (8C), ``LN``,
-    ``Linear(8C, 2C)`` without bias; channels-first in and out, ``(B, C, D, H, W) -> (B, 2C, D/2, H/2, W/2)``."""
+# offsets (d, h, w) of the eight voxels concatenated by patch merging: "merging" is the order of MONAI's
+# ``PatchMerging`` (v0.9.0; it takes two offsets twice and skips (0, 1, 1) and (1, 1, 0)), used by SwinUNETR and by
+# the GLIMS reference; "mergingv2" is MONAI's ``PatchMergingV2`` (all eight offsets).
+_MERGE_OFFSETS = {
+    "merging": [(0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 0, 1), (0, 1, 0), (0, 0, 1), (1, 1, 1)],
+    "mergingv2": [(i, j, k) for i in range(2) for j in range(2) for k in range(2)],
+}
 
-    def __init__(self, dim: int) -> None:
+
+class PatchMerging3D(nn.Module):
+    """Patch merging (Swin, arXiv 2103.14030, Sec. 3.3), 3D: concatenate the voxels of each 2x2x2 neighbourhood
+    (8C), ``LN``, ``Linear(8C, 2C)`` without bias; channels-first in and out,
+    ``(B, C, D, H, W) -> (B, 2C, D/2, H/2, W/2)`` (even sizes).
+
+    Args:
+        dim: input width ``C``.
+        mode: ``"merging"`` (MONAI's default ``PatchMerging``, as in the reference) or ``"mergingv2"``.
+    """
+
+    def __init__(self, dim: int, mode: str = "merging") -> None:
         super().__init__()
+        if mode not in _MERGE_OFFSETS:
+            raise ValueError(f"mode must be one of {sorted(_MERGE_OFFSETS)}, got {mode!r}.")
+        self.offsets: List[List[int]] = [list(o) for o in _MERGE_OFFSETS[mode]]
         self.norm = nn.LayerNorm(8 * dim)
         self.reduction = nn.Linear(8 * dim, 2 * dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.permute(0, 2, 3, 4, 1)
         parts: List[torch.Tensor] = []
-        for i in range(2):
-            for j in range(2):
-                for k in range(2):
-                    parts.append(x[:, i::2, j::2, k::2, :])
+        for o in self.offsets:
+            parts.append(x[:, o[0] :: 2, o[1] :: 2, o[2] :: 2, :])
         y = self.reduction(self.norm(torch.cat(parts, dim=-1)))
         return y.permute(0, 4, 1, 2, 3).contiguous()
 
 
-class SwinStage3D(nn.Module):
-    """A stage of ``depth`` :class:`SwinBlock3D` (alternating regular and shifted windows) on a channels-first map.
+class PatchExpand3D(nn.Module):
+    """Patch expanding (Swin-Unet, Cao et al. 2021), 3D: ``Linear(C, 4C)`` without bias per voxel, the ``4C`` values
+    read as ``(p_h, p_w, p_d, C/2)`` are laid out on the 2x2x2 neighbourhood (``p_d`` along ``D``, ``p_h`` along
+    ``H``, ``p_w`` along ``W``, the reference's layout), then ``LN(C/2)``; channels-first in and out,
+    ``(B, C, D, H, W) -> (B, C/2, 2D, 2H, 2W)``.
 
-    ``(B, C, D, H, W) -> (B, C, D, H, W)``; the window is clamped per axis to the map size, the relative position
+    Args:
+        dim: input width ``C`` (even).
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        if dim % 2 != 0:
+            raise ValueError(f"dim must be even, got {dim}.")
+        self.expand = nn.Linear(dim, 4 * dim, bias=False)
+        self.norm = nn.LayerNorm(dim // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, d, h, w = int(x.shape[0]), int(x.shape[1]), int(x.shape[2]), int(x.shape[3]), int(x.shape[4])
+        y = self.expand(x.permute(0, 2, 3, 4, 1)).view(b, d, h, w, 2, 2, 2, c // 2)
+        # (b, d, h, w, p_h, p_w, p_d, c') -> (b, d, p_d, h, p_h, w, p_w, c')
+        y = y.permute(0, 1, 6, 2, 4, 3, 5, 7).reshape(b, 2 * d, 2 * h, 2 * w, c // 2)
+        return self.norm(y).permute(0, 4, 1, 2, 3).contiguous()
+
+
+class PositionEmbedding3D(nn.Module):
+    """Learnable absolute position embedding added to a channels-first map, ``y = x + P``, ``P`` of shape
+    ``(1, C, prod(grid))`` (the reference's layout), initialised with a truncated normal (std 0.02).
+
+    On a map whose size differs from ``grid`` (a patch size other than the one the network was built for), ``P`` is
+    resampled trilinearly to the map size (``align_corners=False``), the usual way of running a ViT at another
+    resolution.
+
+    Args:
+        dim: width ``C``.
+        grid: size ``(D, H, W)`` of the map the embedding is laid out for.
+    """
+
+    def __init__(self, dim: int, grid: Sequence[int]) -> None:
+        super().__init__()
+        self.grid: List[int] = [int(g) for g in grid]
+        if len(self.grid) != 3 or min(self.grid) < 1:
+            raise ValueError(f"grid must be three positive sizes, got {tuple(grid)}.")
+        self.position_embeddings = nn.Parameter(torch.zeros(1, dim, self.grid[0] * self.grid[1] * self.grid[2]))
+        nn.init.trunc_normal_(self.position_embeddings, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = int(self.position_embeddings.shape[1])
+        p = self.position_embeddings.view(1, c, self.grid[0], self.grid[1], self.grid[2])
+        size = [int(x.shape[2]), int(x.shape[3]), int(x.shape[4])]
+        if size != self.grid:
+            p = F.interpolate(p, size=size, mode="trilinear", align_corners=False)
+        return x + p.to(x.dtype)
+
+
+def _init_swin_weights(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+class SwinStage3D(nn.Module):
+    """``depth`` :class:`SwinBlock3D` (alternating regular and shifted windows) on a channels-first map, after an
+    optional :class:`PositionEmbedding3D` (``grid``): ``(B, C, D, H, W) -> (B, C, D, H, W)``.
+
+    The window is clamped per axis to the map size (and not shifted there, as in MONAI); the relative position
     index and the shifted-window mask are built for the actual window.
 
     Args:
@@ -393,6 +533,8 @@ class SwinStage3D(nn.Module):
         window_size: nominal window per axis.
         mlp_ratio: hidden width of the MLPs relative to ``dim``.
         qkv_bias: learnable bias of the query/key/value projections.
+        mlp_act: activation of the MLPs (see :class:`SwinMlp`).
+        grid: size of the position embedding; ``None``: no position embedding.
     """
 
     def __init__(
@@ -403,25 +545,22 @@ class SwinStage3D(nn.Module):
         window_size: Sequence[int] = (7, 7, 7),
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
+        mlp_act: str = "prelu",
+        grid: Optional[Sequence[int]] = None,
     ) -> None:
         super().__init__()
         self.window_size: List[int] = [int(s) for s in window_size]
+        self.pos: nn.Module = PositionEmbedding3D(dim, grid) if grid is not None else nn.Identity()
         self.blocks = nn.ModuleList(
-            [SwinBlock3D(dim, num_heads, window_size, i % 2 == 1, mlp_ratio, qkv_bias) for i in range(depth)]
+            [
+                SwinBlock3D(dim, num_heads, window_size, i % 2 == 1, mlp_ratio, qkv_bias, mlp_act)
+                for i in range(depth)
+            ]
         )
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        self.blocks.apply(_init_swin_weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pos(x)
         dims = [int(x.shape[2]), int(x.shape[3]), int(x.shape[4])]
         window, _ = effective_window(dims, self.window_size, False)
         _, shifts = effective_window(dims, self.window_size, True)
@@ -435,3 +574,38 @@ class SwinStage3D(nn.Module):
         for blk in self.blocks:
             y = blk(y, window, shifts if blk.shift else no_shift, rel_index, mask)
         return y.permute(0, 4, 1, 2, 3).contiguous()
+
+
+class SwinUpStage3D(nn.Module):
+    """Transformer up-sampling stage of GLIMS (decoder side of the hybrid bottleneck):
+
+    ``u = PE(PatchExpand(x))`` (``2C -> C``, twice the resolution, position embedding ``PE``),
+    ``y = SwinStage(PReLU(IN(Conv_{1x1x1}([u, skip]))))`` (``2C -> C``).
+
+    Args:
+        dim: output width ``C`` (the input has ``2C``, the skip ``C`` channels).
+        depth, num_heads, window_size, mlp_ratio, qkv_bias, mlp_act: see :class:`SwinStage3D`.
+        grid: size of the position embedding (the output map size the network is built for).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        window_size: Sequence[int] = (7, 7, 7),
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        mlp_act: str = "prelu",
+        grid: Sequence[int] = (6, 6, 6),
+    ) -> None:
+        super().__init__()
+        self.upsample = PatchExpand3D(2 * dim)
+        self.upsample.apply(_init_swin_weights)
+        self.pos = PositionEmbedding3D(dim, grid)
+        self.fuse = conv_in_prelu(2 * dim, dim)
+        self.stage = SwinStage3D(dim, depth, num_heads, window_size, mlp_ratio, qkv_bias, mlp_act, None)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        u = self.pos(self.upsample(x))
+        return self.stage(self.fuse(torch.cat([u, skip], dim=1)))

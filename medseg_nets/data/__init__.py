@@ -2,5 +2,10 @@
 
 from .msd import check_nifti_headers, msd_datalists, seeded_split
 from .writers import NiftiLikeInputWriter
+from .png import PNGMaskWriter, overlay_mask
+from .skin import check_skin_headers, detect_skin_format, grey_mask, rgb_image, skin_datalists
 
 __all__ = ["NiftiLikeInputWriter", "check_nifti_headers", "msd_datalists", "seeded_split"]
+__all__ += ["PNGMaskWriter", "check_skin_headers", "detect_skin_format", "grey_mask", "overlay_mask", "rgb_image", "skin_datalists"]
+from .brats import MODALITIES as BRATS_MODALITIES, brats_case_name, brats_datalists, brats_name_formatter, check_brats_headers  # noqa: E402
+__all__ += ["BRATS_MODALITIES", "brats_case_name", "brats_datalists", "brats_name_formatter", "check_brats_headers"]

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import random
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
+import numpy as np
 
 from medseg_nets.errors import InputDataError
 from medseg_nets.utils.dist import get_rank
@@ -45,34 +48,88 @@ def _resolve(root: Path, entry: Any, where: str) -> dict[str, Any]:
     return item
 
 
-def check_nifti_headers(items: Sequence[dict[str, Any]], num_channels: int | None) -> None:
+def _truncation(path: str, img: Any) -> str | None:
+    """Why a single-file NIfTI holds less data than its header announces, or ``None``; reads no voxel data.
+
+    ``.nii``: the file size. ``.nii.gz``: the gzip trailer (ISIZE, the uncompressed size modulo 2**32); only when it
+    disagrees (a truncated file, or a legitimate multi-member gzip) is the stream decompressed to be sure.
+    """
+    proxy = getattr(img, "dataobj", None)
+    offset = getattr(proxy, "offset", None)
+    if offset is None or not hasattr(proxy, "shape") or not hasattr(proxy, "dtype"):
+        return None  # not a file-backed single-file image: nothing cheap to check
+    need = int(offset) + int(np.prod(proxy.shape, dtype=np.int64)) * np.dtype(proxy.dtype).itemsize
+    p = Path(path)
+    if p.name.endswith(".nii"):
+        size = p.stat().st_size
+        return None if size >= need else f"file is truncated: {size} bytes, the header announces {need}"
+    if not p.name.endswith(".gz"):
+        return None
+    with open(p, "rb") as f:
+        f.seek(-4, 2)
+        if int.from_bytes(f.read(4), "little") == need % 2**32:
+            return None
+    size = 0
+    try:
+        with gzip.open(p, "rb") as f:
+            while chunk := f.read(1 << 24):
+                size += len(chunk)
+    except (EOFError, OSError, zlib.error) as e:
+        return f"file is truncated or corrupt ({type(e).__name__}: {e})"
+    return None if size >= need else f"file is truncated: {size} bytes uncompressed, the header announces {need}"
+
+
+def _header_problems(item: dict[str, Any], num_channels: int | None) -> list[str]:
+    """What is wrong with one datalist item, judged from its NIfTI headers: ``"<file>: <problem>; expected ..."``."""
+    shapes, problems = {}, []
+    expected = "a complete, readable NIfTI (.nii/.nii.gz) file"
+    for key in ("image", "label"):
+        if key not in item:
+            continue
+        try:
+            img = nib.load(item[key])
+            shapes[key] = tuple(img.shape)
+            problem = _truncation(item[key], img)
+        except Exception as e:
+            problem = f"cannot be read as NIfTI ({type(e).__name__}: {e})"
+        if problem:
+            problems.append(f"{item[key]}: {problem}; expected {expected}")
+    img = shapes.get("image")
+    if img is None:
+        return problems
+    channels = img[3] if len(img) == 4 else 1
+    if num_channels is not None and (len(img) not in (3, 4) or channels != num_channels):
+        problems.append(
+            f"{item['image']}: shape {img} has {channels} channel(s), expected a 4D volume with {num_channels} "
+            "channels on the last axis (X, Y, Z, C)"
+        )
+    if "label" in shapes and (tuple(shapes["label"][:3]) != tuple(img[:3]) or any(s != 1 for s in shapes["label"][3:])):
+        problems.append(
+            f"{item['label']}: label shape {shapes['label']} does not match image {item['image']} "
+            f"shape {img}; expected a 3D label map of spatial shape {img[:3]}"
+        )
+    return problems
+
+
+def check_nifti_headers(items: Sequence[dict[str, Any]], num_channels: int | None, max_listed: int = 20) -> None:
     """Read only the NIfTI headers of every image/label and check channels and shapes, before any data is loaded.
 
-    Catches unreadable headers, wrong channel counts (channels are the 4th NIfTI axis in MSD) and label/image shape
-    mismatches in seconds, so a long training or inference run does not fail half-way. The voxel data is checked
-    when loaded (:class:`medseg_nets.transforms.CheckSegmentationInputd`).
+    Catches unreadable headers, truncated files (cheaply, see :func:`_truncation`), wrong channel counts (channels
+    are the 4th NIfTI axis in MSD) and label/image shape mismatches in seconds, so a long training or inference run
+    does not fail half-way or leave part of its output written. The voxel values (label values, NaN) are checked when
+    loaded (:class:`medseg_nets.transforms.CheckSegmentationInputd`).
+
+    Raises one :class:`InputDataError` for all bad files (one line each, ``"<file>: <problem>; expected ..."``,
+    at most ``max_listed`` of them), so that a dataset can be fixed in one go.
     """
-    for item in items:
-        shapes = {}
-        for key in ("image", "label"):
-            if key not in item:
-                continue
-            try:
-                shapes[key] = tuple(nib.load(item[key]).shape)
-            except Exception as e:
-                raise InputDataError(f"{item[key]}: cannot be read as NIfTI ({type(e).__name__}: {e})") from e
-        img = shapes["image"]
-        channels = img[3] if len(img) == 4 else 1
-        if num_channels is not None and (len(img) not in (3, 4) or channels != num_channels):
-            raise InputDataError(
-                f"{item['image']}: shape {img} has {channels} channel(s), expected a 4D volume with {num_channels} "
-                "channels on the last axis (X, Y, Z, C)"
-            )
-        if "label" in shapes and tuple(shapes["label"][:3]) != tuple(img[:3]):
-            raise InputDataError(
-                f"{item['label']}: label shape {shapes['label']} does not match image {item['image']} "
-                f"spatial shape {img[:3]}"
-            )
+    problems = [p for item in items for p in _header_problems(item, num_channels)]
+    if len(problems) == 1:
+        raise InputDataError(problems[0])
+    if problems:
+        more = f"\n  ... and {len(problems) - max_listed} more" if len(problems) > max_listed else ""
+        raise InputDataError(
+            f"{len(problems)} problems with the input files:\n  " + "\n  ".join(problems[:max_listed]) + more
+        )
 
 
 def msd_datalists(

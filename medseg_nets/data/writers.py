@@ -37,6 +37,24 @@ class NiftiLikeInputWriter(NibabelWriter):
                 self._source = str(src)
         super().set_metadata(meta_dict, resample=resample, **options)
 
+    def resample_if_needed(
+        self,
+        data_array: Any,
+        affine: Any = None,
+        target_affine: Any = None,
+        output_spatial_shape: Any = None,
+        **kwargs: Any,
+    ) -> tuple[Any, Any]:
+        """With ``resample=False`` (no target affine, no output shape) return the data and its affine untouched.
+
+        MONAI 1.6.1 still runs a no-op ``SpatialResample`` there, which takes the channel-last 3D array for a
+        channel-first 2D one and truncates the affine to its top-left 2x2 block: for a volume stored with permuted
+        axes (e.g. sagittal first) that block is singular and saving fails with "Affine ... is not invertible".
+        """
+        if target_affine is None and output_spatial_shape is None:
+            return data_array, affine
+        return super().resample_if_needed(data_array, affine, target_affine, output_spatial_shape, **kwargs)
+
     def _source_header(self, shape: tuple[int, ...]) -> tuple[np.ndarray, nib.Nifti1Header] | None:
         if self._source is None or self.affine is None:
             return None

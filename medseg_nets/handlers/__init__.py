@@ -1,6 +1,14 @@
 """ignite handlers for the bundles: crash-safe checkpoints, resume, metrics files, gradient clipping, progress."""
 
-from .checkpoint import BestModelSaver, CheckpointLoader, CheckpointSaver, ResumeFromCheckpoint, unwrap
+from .checkpoint import (
+    BestModelSaver,
+    CheckpointLoader,
+    CheckpointSaver,
+    MissingCheckpointError,
+    ResumeFromCheckpoint,
+    unwrap,
+)
+from .confusion import ConfusionMatrixPerCase
 from .metrics_report import MetricsReport, summarise
 from .training import GradientClipping, ProgressBar
 
@@ -8,8 +16,10 @@ __all__ = [
     "BestModelSaver",
     "CheckpointLoader",
     "CheckpointSaver",
+    "ConfusionMatrixPerCase",
     "GradientClipping",
     "MetricsReport",
+    "MissingCheckpointError",
     "ProgressBar",
     "ResumeFromCheckpoint",
     "summarise",

@@ -16,10 +16,18 @@ import torch
 from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader as _MonaiCheckpointLoader
 
+from medseg_nets.errors import InputDataError
 from medseg_nets.utils.dist import get_rank
 from medseg_nets.utils.fileio import atomic_torch_save
 
-__all__ = ["CheckpointSaver", "BestModelSaver", "ResumeFromCheckpoint", "CheckpointLoader", "unwrap"]
+__all__ = [
+    "CheckpointSaver", "BestModelSaver", "ResumeFromCheckpoint", "CheckpointLoader", "MissingCheckpointError", "unwrap"
+]
+
+
+class MissingCheckpointError(InputDataError, FileNotFoundError):
+    """A checkpoint that a workflow needs does not exist: both a ``FileNotFoundError`` and an
+    :class:`~medseg_nets.errors.InputDataError` (its message names the file and how to get one)."""
 
 
 def unwrap(obj: Any) -> Any:
@@ -142,7 +150,8 @@ class ResumeFromCheckpoint:
     as training starts, so that the run continues after the last completed epoch with the same optimizer, learning
     rate schedule and best-model record. Training to a larger ``max_epochs`` than the first run is allowed.
 
-    ``enabled=True`` with no checkpoint raises a clear ``FileNotFoundError`` instead of silently starting over.
+    ``enabled=True`` with no checkpoint raises a clear :class:`MissingCheckpointError` (a ``FileNotFoundError``)
+    instead of silently starting over.
     The engine it is attached to is restored from ``engine_key`` (as saved by :class:`CheckpointSaver`).
     """
 
@@ -158,7 +167,7 @@ class ResumeFromCheckpoint:
         self.enabled = _as_bool(enabled)
         self.path = Path(ckpt_dir) / filename
         if self.enabled and not self.path.is_file():
-            raise FileNotFoundError(
+            raise MissingCheckpointError(
                 f"resume requested but {self.path} does not exist: start without --resume true, "
                 "or set --ckpt_dir to the folder of the run to continue"
             )
@@ -186,5 +195,5 @@ class CheckpointLoader(_MonaiCheckpointLoader):
 
     def __call__(self, engine: Engine) -> None:
         if not Path(self.load_path).is_file():
-            raise FileNotFoundError(_missing_weights_message(Path(self.load_path)))
+            raise MissingCheckpointError(_missing_weights_message(Path(self.load_path)))
         super().__call__(engine)

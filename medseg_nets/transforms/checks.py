@@ -106,8 +106,9 @@ class CheckSegmentationInputd(MapTransform):
                 lab = torch.as_tensor(label)
                 if torch.is_floating_point(lab) and not torch.isfinite(lab).all():
                     raise InputDataError(f"{lname}: label contains NaN/infinite values; expected {self.label_values}")
-                found = [v.item() for v in torch.unique(lab)]
-                unknown = sorted({v for v in found if v != int(v) or int(v) not in self.label_values})
+                found = [float(v) for v in torch.unique(lab).tolist()]  # labels are often loaded as float32
+                bad = [v for v in found if not v.is_integer() or int(v) not in self.label_values]
+                unknown = sorted({int(v) if v.is_integer() else v for v in bad})
                 if unknown:
                     raise InputDataError(
                         f"{lname}: label values {unknown} are not among the expected {self.label_values}"

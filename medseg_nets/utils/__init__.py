@@ -2,6 +2,9 @@
 
 from .dist import cleanup_distributed, ddp_wrap, get_device, get_rank, init_distributed, rank_zero_only
 from .fileio import atomic_torch_save, atomic_write, atomic_write_json, atomic_write_text
+from .excepthook import input_errors, install_excepthook
+
+install_excepthook()  # bad-input messages close a crashed run's traceback (see excepthook.py)
 
 __all__ = [
     "atomic_torch_save",
@@ -13,5 +16,7 @@ __all__ = [
     "get_device",
     "get_rank",
     "init_distributed",
+    "input_errors",
+    "install_excepthook",
     "rank_zero_only",
 ]

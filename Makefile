@@ -1,0 +1,30 @@
+# Two entry points for a fresh machine (see README): `make demo` and `make test`.
+# Each creates .venv when missing and installs the package (CPU torch 2.13.0 + pinned versions) in it.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.medseg-installed
+
+.PHONY: demo test verify benchmark clean-demo
+
+$(STAMP): setup.cfg pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) tools/demo.py --out demo_out
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+verify: $(STAMP)
+	$(PY) tools/verify_bundle.py bundles/*/
+
+benchmark: $(STAMP)
+	$(PY) tools/benchmark.py --bundle dalight3d
+
+clean-demo:
+	rm -rf demo_out
