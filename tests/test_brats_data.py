@@ -43,11 +43,6 @@ def mixed_dir(tmp_path_factory) -> Path:
     return root
 
 
-def _copy(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst
-
-
 def test_generator_writes_the_challenge_layouts(mixed_dir):
     seg21 = mixed_dir / "2021" / "BraTS2021_00000" / "BraTS2021_00000_seg.nii.gz"
     seg23 = mixed_dir / "2023" / "BraTS-GLI-00000-000" / "BraTS-GLI-00000-000-seg.nii.gz"
