@@ -12,7 +12,7 @@ from monai.data import ImageWriter
 from monai.utils import convert_data_type
 from PIL import Image
 
-from medseg_nets.handlers.checkpoint import _as_bool
+from medseg_nets.utils import as_bool
 from medseg_nets.utils.fileio import atomic_write
 
 __all__ = ["PNGMaskWriter", "overlay_mask"]
@@ -62,7 +62,7 @@ class PNGMaskWriter(ImageWriter):
         **kwargs: Any,
     ) -> None:
         super().__init__(output_dtype=output_dtype, scale=scale, **kwargs)
-        self.save_overlay = _as_bool(save_overlay)
+        self.save_overlay = as_bool(save_overlay)
         self.threshold = float(threshold)
         self.reverse_indexing = reverse_indexing
         self.overlay_colour = tuple(int(c) for c in overlay_colour)

@@ -17,6 +17,7 @@ from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader as _MonaiCheckpointLoader
 
 from medseg_nets.errors import InputDataError
+from medseg_nets.utils.cli import as_bool
 from medseg_nets.utils.dist import get_rank
 from medseg_nets.utils.fileio import atomic_torch_save
 
@@ -126,18 +127,6 @@ class BestModelSaver:
         self.best_epoch = int(state.get("best_epoch", -1))
 
 
-def _as_bool(value: Any) -> bool:
-    """``--resume true`` arrives from the command line as the string 'true'; accept the usual spellings."""
-    if isinstance(value, str):
-        v = value.strip().lower()
-        if v in ("1", "true", "yes", "on"):
-            return True
-        if v in ("0", "false", "no", "off", ""):
-            return False
-        raise ValueError(f"expected a boolean (true/false), got {value!r}")
-    return bool(value)
-
-
 def _missing_weights_message(path: Path) -> str:
     return (
         f"checkpoint {path} not found: train the bundle first (python -m monai.bundle run --config_file "
@@ -164,7 +153,7 @@ class ResumeFromCheckpoint:
         map_location: Any = None,
         engine_key: str | None = "trainer",
     ) -> None:
-        self.enabled = _as_bool(enabled)
+        self.enabled = as_bool(enabled)
         self.path = Path(ckpt_dir) / filename
         if self.enabled and not self.path.is_file():
             raise MissingCheckpointError(

@@ -1,5 +1,6 @@
 """Small utilities: crash-safe writes and distributed/device helpers."""
 
+from .cli import as_bool
 from .dist import cleanup_distributed, ddp_wrap, get_device, get_rank, init_distributed, rank_zero_only
 from .fileio import atomic_torch_save, atomic_write, atomic_write_json, atomic_write_text
 from .excepthook import input_errors, install_excepthook
@@ -7,6 +8,7 @@ from .excepthook import input_errors, install_excepthook
 install_excepthook()  # bad-input messages close a crashed run's traceback (see excepthook.py)
 
 __all__ = [
+    "as_bool",
     "atomic_torch_save",
     "atomic_write",
     "atomic_write_json",
