@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -173,7 +174,7 @@ def _official_checkpoint(path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def test_pretrained_loader(tmp_path) -> None:
+def test_pretrained_loader(tmp_path, caplog) -> None:
     path = tmp_path / "pvt_v2_b0.pth"
     sd = _official_checkpoint(path)
     rgb_w = sd["patch_embed1.proj.weight"]
@@ -212,7 +213,9 @@ def test_pretrained_loader(tmp_path) -> None:
     target = pvt_v2_b0()
     with pytest.raises(RuntimeError, match=r"block1\.0\.attn\.q\.weight"):
         load_pvtv2_pretrained(target, str(broken))
-    res = load_pvtv2_pretrained(target, str(broken), strict=False)
+    with caplog.at_level(logging.WARNING, logger="medseg_nets.nets.pvtv2"):
+        res = load_pvtv2_pretrained(target, str(broken), strict=False)
+    assert "missing 1 (block1.0.attn.q.weight" in caplog.text and "unexpected 1 (extra.weight" in caplog.text
     assert res.missing_keys == ["block1.0.attn.q.weight"]
     assert res.unexpected_keys == ["extra.weight"]
 

@@ -18,12 +18,15 @@ this encoder and is dropped by the loader.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "PVT_V2_CONFIGS",
@@ -492,4 +495,12 @@ def load_pvtv2_pretrained(
         raise RuntimeError("\n".join(lines))
     loadable = {k: v for k, v in sd.items() if k in own and v.shape == own[k].shape}
     model.load_state_dict(loadable, strict=False)
+    if missing or unexpected or mismatched:  # strict=False: say what was left out instead of staying silent
+        logger.warning(
+            "PVTv2 weights from %r loaded with strict=False: %d of %d model tensors loaded; missing %d%s; "
+            "unexpected %d%s; shape mismatches %d%s",
+            path, len(loadable), len(own), len(missing), f" ({', '.join(missing[:8])}...)" if missing else "",
+            len(unexpected), f" ({', '.join(unexpected[:8])}...)" if unexpected else "",
+            len(mismatched), f" ({'; '.join(mismatched[:4])}...)" if mismatched else "",
+        )
     return PretrainedLoadResult(missing, unexpected, mismatched)
