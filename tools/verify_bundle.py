@@ -12,6 +12,9 @@ Checks, in order (each prints PASS/FAIL with the reason):
 
 Usage:
     python tools/verify_bundle.py bundles/dalight3d [--skip-export] [--n 4]
+    python tools/verify_bundle.py bundles/dalight3d bundles/glims   # several; a PASS/FAIL summary at the end
+    python tools/verify_bundle.py --all                            # every bundles/<name> with configs/metadata.json
+The exit status is non-zero when any bundle fails.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import json
 import sys
 import tempfile
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # make_demo_data, when imported from elsewhere
@@ -52,24 +56,19 @@ def _skin_data(root: Path) -> Path:
     return make_skin_dataset(root / "data", cases=3, size=(40, 48), layout="isic2018", test=1)
 
 
-def _emcad_brats_data(root: Path) -> Path:
+def _brats_data(root: Path, depth: int = 32) -> Path:
+    """BraTS 2021 layout (one folder a case); emcad reads axial slices, so it takes a shallower volume."""
     from make_demo_data import make_brats_dataset
 
-    return make_brats_dataset(root / "data", cases=3, size=(32, 32, 16), convention="2021")
-
-
-def _glims_brats_data(root: Path) -> Path:
-    from make_demo_data import make_brats_dataset
-
-    return make_brats_dataset(root / "data", cases=3, size=(32, 32, 32), convention="2021")
+    return make_brats_dataset(root / "data", cases=3, size=(32, 32, depth), convention="2021")
 
 
 # bundle name -> function(tmp_root) -> dataset_dir: a tiny generated dataset in the bundle's real input format
 DEMO_DATA: dict[str, Callable[[Path], Path]] = {
     "dalight3d": _msd_data,
     "eamnet": _skin_data,
-    "emcad": _emcad_brats_data,
-    "glims": _glims_brats_data,
+    "emcad": partial(_brats_data, depth=16),
+    "glims": _brats_data,
 }
 
 REQUIRED_IO = ["type", "format", "num_channels", "spatial_shape", "dtype", "value_range", "is_patch_data", "channel_def"]
@@ -195,14 +194,39 @@ def verify(bundle: str | Path, n: int = 4, export: bool = True, log: Callable[[s
     return failures
 
 
-def main() -> int:
+BUNDLES_DIR = Path(__file__).resolve().parents[1] / "bundles"
+
+
+def all_bundles(root: Path = BUNDLES_DIR) -> list[Path]:
+    """Every folder under ``root`` that holds a ``configs/metadata.json``, sorted by name."""
+    return sorted(d for d in root.iterdir() if (d / "configs" / "metadata.json").is_file())
+
+
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("bundles", nargs="+")
+    p.add_argument("bundles", nargs="*", help="bundle folders, e.g. bundles/dalight3d")
+    p.add_argument("--all", action="store_true", help=f"every bundle under {BUNDLES_DIR} (with configs/metadata.json)")
     p.add_argument("--n", type=int, default=4, help="value of n in the declared spatial shape, e.g. 8*n")
     p.add_argument("--skip-export", action="store_true")
-    a = p.parse_args()
-    failed = [f for b in a.bundles for f in verify(b, a.n, not a.skip_export)]
-    print(f"{len(failed)} failure(s)" if failed else "all checks passed")
+    a = p.parse_args(argv)
+    bundles = [Path(b) for b in a.bundles] + (all_bundles() if a.all else [])
+    bundles = list(dict.fromkeys(b.resolve() for b in bundles))  # once each, in the order given
+    if not bundles:
+        p.error("name at least one bundle folder, or --all")
+    results = {}
+    for b in bundles:
+        if not b.is_dir():
+            print(f"FAIL {b}: not a folder")
+            results[b] = ["not a folder"]
+            continue
+        results[b] = verify(b, a.n, not a.skip_export)
+    print("\nsummary:")
+    for b, failures in results.items():
+        print(f"  {'PASS' if not failures else 'FAIL'} {b.name}"
+              + (f" ({len(failures)} failure(s))" if failures else ""))
+    failed = [b for b, f in results.items() if f]
+    n = len(results)
+    print(f"{len(failed)} of {n} bundle(s) failed" if failed else f"all checks passed ({n} bundle(s))")
     return 1 if failed else 0
 
 
