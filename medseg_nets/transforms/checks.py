@@ -40,14 +40,19 @@ class LoadImageCheckedd(LoadImaged):
 
     def __call__(self, data: Mapping[Hashable, Any], reader: Any = None) -> dict[Hashable, Any]:
         d = dict(data)
-        for key in self.key_iterator(d):
+        for key, meta_key, meta_key_postfix in self.key_iterator(d, self.meta_keys, self.meta_key_postfix):
             src = d[key]
             try:
-                d[key] = self._loader(src, reader)
+                loaded = self._loader(src, reader)
             except Exception as e:  # nibabel/itk/PIL raise many different types
                 raise InputDataError(
                     f"{src}: cannot be read ({type(e).__name__}: {e}); expected a complete, readable {self.expected} file"
                 ) from e
+            if self._loader.image_only:
+                d[key] = loaded
+            else:  # MONAI Label's BundleInferTask switches image_only off: (image, meta dict) as LoadImaged stores them
+                d[key] = loaded[0]
+                d[meta_key or f"{key}_{meta_key_postfix}"] = loaded[1]
         return d
 
 
