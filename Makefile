@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.medseg-installed
 
-.PHONY: demo test verify benchmark clean-demo
+.PHONY: demo test verify package onnx benchmark clean-demo
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,10 +21,16 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 verify: $(STAMP)
-	$(PY) tools/verify_bundle.py bundles/*/
+	$(PY) tools/verify_bundle.py --all
+
+package: $(STAMP)
+	$(PY) tools/package_bundle.py --all --check
+
+onnx: $(STAMP)
+	$(PY) tools/export_onnx.py --all --out build/onnx
 
 benchmark: $(STAMP)
-	$(PY) tools/benchmark.py --bundle dalight3d
+	$(PY) tools/benchmark.py --all --out build/benchmark.md --json build/benchmark.json --plot build/benchmark.png
 
 clean-demo:
 	rm -rf demo_out

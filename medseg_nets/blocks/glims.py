@@ -180,7 +180,7 @@ class CSAB(nn.Module):
 
     def attention_maps(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Return the channel gate ``(B, C, 1, 1, 1)`` and the spatial gate ``(B, 1, D, H, W)``, both in (0, 1)."""
-        b, c = int(x.shape[0]), int(x.shape[1])
+        b, c = x.shape[0], int(x.shape[1])  # batch left symbolic: ONNX export with a dynamic batch
         avg = torch.mean(x, dim=(2, 3, 4))
         mx = torch.amax(x, dim=(2, 3, 4))
         channel_gate = torch.sigmoid(self.mlp(avg) + self.mlp(mx)).view(b, c, 1, 1, 1)
@@ -472,7 +472,8 @@ class PatchExpand3D(nn.Module):
         self.norm = nn.LayerNorm(dim // 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, d, h, w = int(x.shape[0]), int(x.shape[1]), int(x.shape[2]), int(x.shape[3]), int(x.shape[4])
+        b = x.shape[0]  # left symbolic: ONNX export with a dynamic batch
+        c, d, h, w = int(x.shape[1]), int(x.shape[2]), int(x.shape[3]), int(x.shape[4])
         y = self.expand(x.permute(0, 2, 3, 4, 1)).view(b, d, h, w, 2, 2, 2, c // 2)
         # (b, d, h, w, p_h, p_w, p_d, c') -> (b, d, p_d, h, p_h, w, p_w, c')
         y = y.permute(0, 1, 6, 2, 4, 3, 5, 7).reshape(b, 2 * d, 2 * h, 2 * w, c // 2)
