@@ -543,7 +543,8 @@ def _labels(logits: torch.Tensor, activation: str) -> torch.Tensor:
     return logits.argmax(1) if activation == "softmax" else logits > 0
 
 
-def sweep_variants(entry: Entry, device: torch.device, amp_allowed: bool = True) -> list[dict[str, Any]]:
+def sweep_variants(entry: Entry, device: torch.device, amp_allowed: bool = True,
+                   batches: Sequence[int] = (1, 2, 4, 8, 16)) -> list[dict[str, Any]]:
     """The settings tried by :func:`speed_sweep`: the bundle's own first (the reference), then sliding-window batch
     sizes, channels-last memory format, ``torch.inference_mode`` against ``torch.no_grad`` (what MONAI's evaluators
     use) and autocast (float16 on CUDA, bfloat16 on CPU)."""
@@ -551,7 +552,7 @@ def sweep_variants(entry: Entry, device: torch.device, amp_allowed: bool = True)
     base = dict(sw_batch_size=sw0, channels_last=False, amp=False, inference_mode=False)
     out = [dict(base, name=f"bundle config (no_grad, fp32, sw_batch_size {sw0})")]
     out.append(dict(base, name="inference_mode", inference_mode=True))
-    for sw in sorted({1, 2, 4, 8, 16} - {sw0}):
+    for sw in sorted(set(batches) - {sw0}):
         out.append(dict(base, name=f"inference_mode, sw_batch_size {sw}", inference_mode=True, sw_batch_size=sw))
     out.append(dict(base, name="inference_mode, channels-last", inference_mode=True, channels_last=True))
     if amp_allowed:
@@ -575,7 +576,7 @@ def speed_sweep(entry: Entry, device: torch.device, opts: argparse.Namespace) ->
     activation = BUNDLES[entry.bundle].get("activation", "softmax")
     rows: list[dict[str, Any]] = []
     ref_logits = ref_labels = None
-    variants = sweep_variants(entry, device)
+    variants = sweep_variants(entry, device, batches=opts.sweep_batches)
     # contiguous variants first: channels-last converts the weights in place
     variants.sort(key=lambda v: v["channels_last"])
     for v in variants:
@@ -587,7 +588,8 @@ def speed_sweep(entry: Entry, device: torch.device, opts: argparse.Namespace) ->
                    error=None)
         try:
             with grad_ctx(), _autocast(device, v["amp"]):
-                inferer(vol, model)  # warm-up (oneDNN/cuDNN algorithm selection)
+                # warm-up (lazy initialisation, allocator): one window, not the whole volume
+                model(torch.randn(1, entry.in_channels, *entry.roi, device=device))
                 for _ in range(opts.volume_repeats):
                     _sync(device)
                     t0 = time.perf_counter()
@@ -799,6 +801,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                    help="instead of the comparison: whole-volume time of each bundle network under other inference "
                         "settings (sliding-window batch, inference_mode, channels-last, AMP) and how much each "
                         "changes the output")
+    p.add_argument("--sweep-batches", default="1,2,4,8,16",
+                   help="sliding-window batch sizes tried by --sweep besides the bundle's own (comma-separated)")
     p.add_argument("--plot", default=None,
                    help="also draw a PNG of latency and whole-volume time against GFLOPs for every model measured")
     p.add_argument("--out", default=None, help="write the Markdown table here")
@@ -807,6 +811,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.memory_worker is None and not args.bundle and not args.all:
         p.error("give --bundle NAME or --all")
+    args.sweep_batches = tuple(int(b) for b in args.sweep_batches.split(",") if b.strip())
     if args.repeats < 1 or args.volume_repeats < 1 or args.warmup < 0:
         p.error("--repeats and --volume-repeats must be >= 1, --warmup >= 0")
     return args
@@ -911,7 +916,8 @@ def run_sweep(entries: list[Entry], skipped: list[str], device: torch.device, op
     meta["wall_s"] = time.perf_counter() - t_start
     meta["load_end"] = _loadavg()
     lines = _header_lines(meta, "# medseg-bundles inference-speed sweep") + [
-        f"- Whole-volume time: median of {meta['volume_repeats']} run(s) after one warm-up run, random weights and "
+        f"- Whole-volume time: median of {meta['volume_repeats']} run(s) after a warm-up forward of one window, "
+        "random weights and "
         "input; input and output on the device used.",
     ]
     if meta["scale"] != 1.0 or meta["roi"] or meta["volume"]:
