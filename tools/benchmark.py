@@ -576,7 +576,7 @@ def speed_sweep(entry: Entry, device: torch.device, opts: argparse.Namespace) ->
     activation = BUNDLES[entry.bundle].get("activation", "softmax")
     rows: list[dict[str, Any]] = []
     ref_logits = ref_labels = None
-    variants = sweep_variants(entry, device, batches=opts.sweep_batches)
+    variants = sweep_variants(entry, device, amp_allowed=not opts.sweep_no_amp, batches=opts.sweep_batches)
     # contiguous variants first: channels-last converts the weights in place
     variants.sort(key=lambda v: v["channels_last"])
     for v in variants:
@@ -803,6 +803,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         "changes the output")
     p.add_argument("--sweep-batches", default="1,2,4,8,16",
                    help="sliding-window batch sizes tried by --sweep besides the bundle's own (comma-separated)")
+    p.add_argument("--sweep-no-amp", action="store_true",
+                   help="leave the autocast variants out of --sweep (bfloat16 autocast is slow on CPUs without "
+                        "native bfloat16)")
     p.add_argument("--plot", default=None,
                    help="also draw a PNG of latency and whole-volume time against GFLOPs for every model measured")
     p.add_argument("--out", default=None, help="write the Markdown table here")
