@@ -36,6 +36,20 @@ def run_cli(args: list[str], cwd: Path = ROOT, timeout: int = 900, check: bool =
     return proc
 
 
+def assert_resumed(models_dir: Path, before: dict, log: str) -> None:
+    """A run resumed with ``--resume true --epochs 2`` from a 1-epoch, 2-iteration ``checkpoint_latest.pt``
+    (``before``, loaded before the run): the log names the restored file, and the new checkpoint is one epoch, two
+    optimiser steps and one scheduler step further on."""
+    import torch
+
+    ckpt = models_dir / "checkpoint_latest.pt"
+    assert f"Restored all variables from {ckpt}" in log
+    after = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert after["trainer"]["iteration"] == 4 and after["trainer"]["max_epochs"] == 2
+    assert after["optimizer"]["state"][0]["step"] == before["optimizer"]["state"][0]["step"] + 2
+    assert after["lr_scheduler"]["last_epoch"] == before["lr_scheduler"]["last_epoch"] + 1
+
+
 def save_oblique_case(path: Path, size=(36, 40, 20), seed: int = 7) -> np.ndarray:
     """Write a 4-channel case with an LPS-flipped, anisotropic, translated affine; return that affine."""
     image, _ = make_case(np.random.default_rng(seed), size)
