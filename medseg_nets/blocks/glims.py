@@ -510,7 +510,9 @@ class PositionEmbedding3D(nn.Module):
         return x + p.to(x.dtype)
 
 
-def _init_swin_weights(m: nn.Module) -> None:
+def init_transformer_weights(m: nn.Module) -> None:
+    """The usual ViT/Swin/PVT initialisation, for ``module.apply``: truncated-normal (std 0.02) linear weights, zero
+    biases, LayerNorm weight 1 and bias 0; other modules are left as they are."""
     if isinstance(m, nn.Linear):
         nn.init.trunc_normal_(m.weight, std=0.02)
         if m.bias is not None:
@@ -558,7 +560,7 @@ class SwinStage3D(nn.Module):
                 for i in range(depth)
             ]
         )
-        self.blocks.apply(_init_swin_weights)
+        self.blocks.apply(init_transformer_weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pos(x)
@@ -602,7 +604,7 @@ class SwinUpStage3D(nn.Module):
     ) -> None:
         super().__init__()
         self.upsample = PatchExpand3D(2 * dim)
-        self.upsample.apply(_init_swin_weights)
+        self.upsample.apply(init_transformer_weights)
         self.pos = PositionEmbedding3D(dim, grid)
         self.fuse = conv_in_prelu(2 * dim, dim)
         self.stage = SwinStage3D(dim, depth, num_heads, window_size, mlp_ratio, qkv_bias, mlp_act, None)

@@ -26,6 +26,8 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn as nn
 
+from medseg_nets.blocks.glims import init_transformer_weights
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -321,18 +323,13 @@ class PyramidVisionTransformerV2(nn.Module):
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
         """Official PVTv2 initialisation: truncated normal (std 0.02) linears, He-normal (fan-out) convs."""
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Conv2d):
+        if isinstance(m, nn.Conv2d):
             fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
             nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+        else:  # linears and LayerNorms
+            init_transformer_weights(m)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         outs: list[torch.Tensor] = []

@@ -1,38 +1,11 @@
 """Transforms MONAI lacks: input checks that name the bad file, label-to-channel conversion, identifiers."""
 
-from .checks import CheckSegmentationInputd, EnsureIdentifierd, LoadImageCheckedd, source_name
-from .labels import LabelsToChannelsd, labels_to_channels
-from .skin import RandColorJitterd, color_jitter
-from .brats import (
-    BRATS_CONVENTIONS,
-    BRATS_REGION_NAMES,
-    BraTSLabelToRegionsd,
-    RegionsToBraTSLabeld,
-    brats_label_to_regions,
-    brats_regions_to_label,
-    detect_brats_convention,
-    normalize_brats_convention,
-)
+from . import brats, checks, labels, skin, slices
+from .brats import *  # noqa: F401,F403
+from .checks import *  # noqa: F401,F403
+from .labels import *  # noqa: F401,F403
+from .skin import *  # noqa: F401,F403
+from .slices import *  # noqa: F401,F403
 
-__all__ = [
-    "CheckSegmentationInputd",
-    "EnsureIdentifierd",
-    "LabelsToChannelsd",
-    "LoadImageCheckedd",
-    "labels_to_channels",
-    "RandColorJitterd",
-    "color_jitter",
-    "source_name",
-]
-__all__ += [
-    "BRATS_CONVENTIONS",
-    "BRATS_REGION_NAMES",
-    "BraTSLabelToRegionsd",
-    "RegionsToBraTSLabeld",
-    "brats_label_to_regions",
-    "brats_regions_to_label",
-    "detect_brats_convention",
-    "normalize_brats_convention",
-]
-from .slices import slice_channel_dim, slice_roi_size  # noqa: E402
-__all__ += ["slice_channel_dim", "slice_roi_size"]
+# the package exports exactly what each submodule declares in its own __all__
+__all__ = [*checks.__all__, *labels.__all__, *skin.__all__, *brats.__all__, *slices.__all__]
