@@ -43,8 +43,11 @@ def init_distributed(device: torch.device | str | None = None) -> bool:
 
 
 def cleanup_distributed() -> None:
-    """Destroy the default process group if there is one."""
+    """Destroy the default process group if there is one, after a barrier: every rank leaves together, so that no
+    rank tears down its gloo/nccl connections while a peer is still finishing its last collective or writing its
+    outputs (a rank that exited early aborted with "terminate called without an active exception" under gloo)."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
