@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -24,13 +25,15 @@ def test_benchmark_tiny_run(tmp_path):
     md, js = tmp_path / "bench.md", tmp_path / "bench.json"
     argv = [
         "--bundle", "dalight3d", "--device", "cpu", "--threads", "2", "--roi", "16", "--volume", "20,20,16",
-        "--baselines", "SegResNet", "--repeats", "1", "--warmup", "0", "--memory", "inprocess",
+        "--baselines", "SegResNet", "--repeats", "1", "--warmup", "0", "--memory", "inprocess", "--keep-freed-memory",
         "--out", str(md), "--json", str(js), "--plot", str(tmp_path / "cost.png"),
     ]
     benchmark.main(argv)
     text = md.read_text()
     for head in ("- Date:", "- Machine: CPU", "torch threads 2", "GPU:", "- Versions: torch", "monai",
-                 "- Command: `python tools/benchmark.py --bundle dalight3d", "**Sizes changed**"):
+                 "- Command: `python tools/benchmark.py --bundle dalight3d", "**Sizes changed**",
+                 "- CPU allocator (timings): glibc malloc keeps freed memory" if sys.platform.startswith("linux")
+                 else "- CPU allocator"):
         assert head in text, head
     table = _table(text)
     assert table[0] == COLUMNS
@@ -89,3 +92,13 @@ def test_speed_sweep_tiny(tmp_path):
     text = md.read_text()
     assert "# medseg-bundles inference-speed sweep" in text and "| Setting | Whole volume s |" in text
     assert "- Command: `python tools/benchmark.py --bundle dalight3d" in text
+
+
+def test_speed_sweep_depthwise_path(tmp_path):
+    """On CPU the sweep times GLIMS's depth-wise convolutions on the plain nn.Conv3d path too: same outputs."""
+    report = benchmark.main(["--bundle", "glims", "--device", "cpu", "--sweep", "--sweep-no-amp", "--sweep-batches", "4",
+                             "--roi", "32", "--volume", "40,32,32", "--out", str(tmp_path / "sweep.md")])
+    rows = {r["name"]: r for r in report["sweeps"]["glims"]}
+    plain = next(r for name, r in rows.items() if "cpu_fast_path off" in name)
+    assert plain["error"] is None and not plain["depthwise_fast"]
+    assert plain["max_abs_diff"] < 1e-4 and plain["changed_fraction"] == 0

@@ -60,6 +60,9 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
+from medseg_nets.blocks.depthwise import DepthwiseConv3d
+from medseg_nets.utils import keep_freed_memory, malloc_trim
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -356,15 +359,6 @@ def _proc_status_kib(key: str) -> int:
     return int(match.group(1))
 
 
-def _malloc_trim() -> None:
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
 def cpu_forward_peak_rss_mib(model: nn.Module, shape: Sequence[int], amp: bool = False) -> float:
     """Peak resident-set growth (MiB) during one forward of ``model`` on a random input of ``shape`` (Linux only).
 
@@ -374,7 +368,7 @@ def cpu_forward_peak_rss_mib(model: nn.Module, shape: Sequence[int], amp: bool =
     """
     x = torch.randn(*shape)
     device = torch.device("cpu")
-    _malloc_trim()  # give freed heap memory back to the OS, so that reusing it shows as growth again
+    malloc_trim()  # give freed heap memory back to the OS, so that reusing it shows as growth again
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current VmRSS
     before = _proc_status_kib("VmRSS")
@@ -547,10 +541,14 @@ def sweep_variants(entry: Entry, device: torch.device, amp_allowed: bool = True,
                    batches: Sequence[int] = (1, 2, 4, 8, 16)) -> list[dict[str, Any]]:
     """The settings tried by :func:`speed_sweep`: the bundle's own first (the reference), then sliding-window batch
     sizes, channels-last memory format, ``torch.inference_mode`` against ``torch.no_grad`` (what MONAI's evaluators
-    use) and autocast (float16 on CUDA, bfloat16 on CPU)."""
+    use) and autocast (float16 on CUDA, bfloat16 on CPU); on CPU also the plain ``nn.Conv3d`` path of the network's
+    :class:`~medseg_nets.blocks.depthwise.DepthwiseConv3d` layers (a network without them runs unchanged there)."""
     sw0 = entry.sw_batch_size
-    base = dict(sw_batch_size=sw0, channels_last=False, amp=False, inference_mode=False)
+    base = dict(sw_batch_size=sw0, channels_last=False, amp=False, inference_mode=False, depthwise_fast=True)
     out = [dict(base, name=f"bundle config (no_grad, fp32, sw_batch_size {sw0})")]
+    if device.type == "cpu":
+        out.append(dict(base, name="depth-wise convolutions as plain nn.Conv3d (DepthwiseConv3d.cpu_fast_path off)",
+                        depthwise_fast=False))
     out.append(dict(base, name="inference_mode", inference_mode=True))
     for sw in sorted(set(batches) - {sw0}):
         out.append(dict(base, name=f"inference_mode, sw_batch_size {sw}", inference_mode=True, sw_batch_size=sw))
@@ -579,7 +577,10 @@ def speed_sweep(entry: Entry, device: torch.device, opts: argparse.Namespace) ->
     variants = sweep_variants(entry, device, amp_allowed=not opts.sweep_no_amp, batches=opts.sweep_batches)
     # contiguous variants first: channels-last converts the weights in place
     variants.sort(key=lambda v: v["channels_last"])
+    depthwise = [m for m in net.modules() if isinstance(m, DepthwiseConv3d)]
     for v in variants:
+        for m in depthwise:
+            m.cpu_fast_path = v["depthwise_fast"]
         model = ChannelsLast(net, entry.dims) if v["channels_last"] else FirstOutput(net)
         e = Entry(**{**entry.__dict__, "sw_batch_size": v["sw_batch_size"]})
         inferer = _inferer(e, device)
@@ -697,6 +698,8 @@ def _header_lines(meta: dict[str, Any], title: str = "# medseg-bundles benchmark
         + (" (other processes shared the CPU: timings are inflated and noisy)"
            if meta["load_start"] and meta["load_end"] and max(meta["load_start"][0], meta["load_end"][0])
            > 1.25 * (meta["logical_cpus"] or 1) else ""),
+        "- CPU allocator (timings): " + ("glibc malloc keeps freed memory for reuse (`--keep-freed-memory`, as the bundles "
+                               "run)" if meta.get("keep_freed_memory") else "process default"),
         f"- Versions: torch {meta['torch']}, monai {meta['monai']}, medseg_nets {meta['medseg_nets']}, "
         f"python {meta['python']}",
         f"- Command: `{meta['command']}`",
@@ -778,6 +781,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     which.add_argument("--all", action="store_true", help="every registry entry that is available, one table")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if available")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="CPU: medseg_nets.utils.keep_freed_memory() for the whole run (glibc malloc reuses freed "
+                        "memory; what the bundles' configs do), applied to every model alike")
     p.add_argument("--repeats", type=int, default=5, help="timed forwards per model (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed forwards after the FLOP-counting one")
     p.add_argument("--volume-repeats", type=int, default=1, help="timed whole-volume runs per model")
@@ -834,6 +840,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         if opts.device == "cuda" and not torch.cuda.is_available():
             raise SystemExit("--device cuda: CUDA is not available")
         device = torch.device(opts.device)
+    opts.keep_freed_memory = keep_freed_memory(device, opts.keep_freed_memory)
     baselines = None
     if opts.baselines:
         baselines = [b.strip() for b in opts.baselines.split(",") if b.strip()]
@@ -857,7 +864,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     meta = machine_info(device)
     meta.update(command="python tools/benchmark.py " + shlex.join(argv), amp=opts.amp, repeats=opts.repeats,
                 warmup=opts.warmup, volume_repeats=opts.volume_repeats, skip_volume=opts.skip_volume,
-                scale=opts.scale, memory=opts.memory, roi=opts.roi, volume=opts.volume)
+                scale=opts.scale, memory=opts.memory, roi=opts.roi, volume=opts.volume,
+                keep_freed_memory=opts.keep_freed_memory)
     if opts.sweep:
         return run_sweep(entries, skipped, device, opts, meta)
     results: list[dict] = []

@@ -1,9 +1,10 @@
-"""Small utilities: crash-safe writes and distributed/device helpers."""
+"""Small utilities: crash-safe writes, distributed/device helpers, CPU allocator settings."""
 
 from .cli import as_bool
 from .dist import cleanup_distributed, ddp_wrap, get_device, get_rank, init_distributed, rank_zero_only
 from .fileio import atomic_torch_save, atomic_write, atomic_write_json, atomic_write_text
 from .excepthook import input_errors, install_excepthook
+from .memory import keep_freed_memory, malloc_trim
 
 install_excepthook()  # bad-input messages close a crashed run's traceback (see excepthook.py)
 
@@ -20,5 +21,7 @@ __all__ = [
     "init_distributed",
     "input_errors",
     "install_excepthook",
+    "keep_freed_memory",
+    "malloc_trim",
     "rank_zero_only",
 ]
