@@ -30,7 +30,7 @@ onnx: $(STAMP)
 	$(PY) tools/export_onnx.py --all --out build/onnx
 
 benchmark: $(STAMP)
-	$(PY) tools/benchmark.py --all --out build/benchmark.md --json build/benchmark.json --plot build/benchmark.png
+	$(PY) tools/benchmark.py --all --keep-freed-memory --out build/benchmark.md --json build/benchmark.json --plot build/benchmark.png
 
 clean-demo:
 	rm -rf demo_out

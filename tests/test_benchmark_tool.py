@@ -102,3 +102,17 @@ def test_speed_sweep_depthwise_path(tmp_path):
     plain = next(r for name, r in rows.items() if "cpu_fast_path off" in name)
     assert plain["error"] is None and not plain["depthwise_fast"]
     assert plain["max_abs_diff"] < 1e-4 and plain["changed_fraction"] == 0
+
+
+def test_profile_names_the_depthwise_layers(tmp_path):
+    """--profile times one forward by kind of layer: GLIMS's three dilations of depth-wise convolution appear."""
+    report = benchmark.main(["--bundle", "glims", "--device", "cpu", "--profile", "--roi", "32",
+                             "--out", str(tmp_path / "profile.md")])
+    prof = report["profiles"]["glims"]
+    kinds = {r["kind"]: r for r in prof["layers"]}
+    for d in (1, 2, 3):
+        r = kinds[f"DepthwiseConv3d depth-wise k3x3x3 dilation {d} stride 1"]
+        assert r["calls"] == 16 and r["seconds"] > 0
+    assert sum(r["seconds"] for r in prof["layers"]) <= prof["total_s"] * 1.05
+    assert prof["input_shape"] == [1, 4, 32, 32, 32] and "aten::" in prof["operators"]
+    assert "## Profile: GLIMS (bundle)" in (tmp_path / "profile.md").read_text()

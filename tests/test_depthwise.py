@@ -64,6 +64,7 @@ def test_channels_last_input_and_switch_off():
         ref = _plain(conv, x)
         torch.testing.assert_close(conv(x.contiguous(memory_format=torch.channels_last_3d)), ref, **TOL)
         torch.testing.assert_close(depthwise_conv3d_ndhwc(to_ndhwc(x), conv.weight, conv.bias, 3), ref, **TOL)
+        torch.testing.assert_close(conv(x, to_ndhwc(x)), ref, **TOL)
         conv.cpu_fast_path = False
         assert torch.equal(conv(x), ref)
 

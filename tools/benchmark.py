@@ -26,6 +26,8 @@ Usage:
     python tools/benchmark.py --bundle dalight3d --device cuda --amp --repeats 20 --out bench.md --json bench.json
     python tools/benchmark.py --all --fallback-nets                    # every entry, one table
     python tools/benchmark.py --bundle dalight3d --scale 0.25 --repeats 1 --skip-volume   # a quick tiny run
+    python tools/benchmark.py --bundle glims --profile                 # time by kind of layer and by operator
+    python tools/benchmark.py --bundle glims --keep-freed-memory       # CPU allocator as the bundles' configs set it
 
 CPU is slow: with 2 cores a 64^3 sliding window over 240x240x155 (196 windows) takes minutes per model. Use
 ``--skip-volume`` to leave the whole-volume column out, ``--baselines`` to run a subset, and ``--threads`` to fix
@@ -812,6 +814,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--sweep-no-amp", action="store_true",
                    help="leave the autocast variants out of --sweep (bfloat16 autocast is slow on CPUs without "
                         "native bfloat16)")
+    p.add_argument("--profile", action="store_true",
+                   help="instead of the table: where one forward of each bundle's network spends its time, by kind of "
+                        "layer (forward hooks) and by operator (torch.profiler)")
     p.add_argument("--plot", default=None,
                    help="also draw a PNG of latency and whole-volume time against GFLOPs for every model measured")
     p.add_argument("--out", default=None, help="write the Markdown table here")
@@ -868,6 +873,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                 keep_freed_memory=opts.keep_freed_memory)
     if opts.sweep:
         return run_sweep(entries, skipped, device, opts, meta)
+    if opts.profile:
+        return run_profile(entries, skipped, device, opts, meta)
     results: list[dict] = []
     t_start = time.perf_counter()
     for entry in entries:
@@ -937,6 +944,105 @@ def run_sweep(entries: list[Entry], skipped: list[str], device: torch.device, op
     markdown = "\n".join(lines) + "\n\n" + "\n".join(sections)
     print(markdown)
     report = dict(meta=meta, sweeps=sweeps, skipped=skipped, markdown=markdown)
+    _write_outputs(opts, markdown, report)
+    log(f"done in {meta['wall_s']:.0f} s")
+    return report
+
+
+def layer_kind(module: nn.Module) -> str:
+    """How :func:`profile_layers` groups a leaf module: its class, and for convolutions the kernel, dilation, stride
+    and whether it is depth-wise (``groups == in_channels > 1``) or grouped."""
+    name = type(module).__name__
+    if isinstance(module, nn.modules.conv._ConvNd):
+        groups = module.groups
+        kind = "depth-wise" if groups > 1 and groups == module.in_channels else f"groups {groups}" if groups > 1 \
+            else "dense"
+        name += (f" {kind} k{'x'.join(map(str, module.kernel_size))} dilation {module.dilation[0]} "
+                 f"stride {module.stride[0]}")
+    return name
+
+
+def profile_layers(model: nn.Module, x: torch.Tensor, device: torch.device, row_limit: int = 15
+                   ) -> tuple[list[dict[str, Any]], float, str]:
+    """Time one forward of ``model`` on ``x`` under ``torch.inference_mode`` (after one warm-up forward): per kind of
+    leaf module (:func:`layer_kind`; forward hooks, synchronised on CUDA) and per operator (``torch.profiler``,
+    self time). Returns the per-kind rows (sorted by time), the forward's wall time in seconds and the operator
+    table as text. Time outside leaf modules (functional code in ``forward``) is the difference to the total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    spent: dict[str, list[float]] = {}
+    started: dict[int, float] = {}
+    handles = []
+
+    def pre(mod: nn.Module, _inp: Any) -> None:
+        _sync(device)
+        started[id(mod)] = time.perf_counter()
+
+    def post(mod: nn.Module, _inp: Any, _out: Any) -> None:
+        _sync(device)
+        rec = spent.setdefault(layer_kind(mod), [0.0, 0])
+        rec[0] += time.perf_counter() - started.pop(id(mod))
+        rec[1] += 1
+
+    with torch.inference_mode():
+        model(x)  # warm-up
+        for m in model.modules():
+            if next(m.children(), None) is None:
+                handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+        try:
+            _sync(device)
+            t0 = time.perf_counter()
+            model(x)
+            _sync(device)
+            total = time.perf_counter() - t0
+        finally:
+            for h in handles:
+                h.remove()
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            model(x)
+            _sync(device)
+    sort_key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort_key, row_limit=row_limit)
+    rows = [dict(kind=k, seconds=v[0], calls=v[1], share=v[0] / total) for k, v in spent.items()]
+    rows.sort(key=lambda r: -r["seconds"])
+    return rows, total, table
+
+
+def run_profile(entries: list[Entry], skipped: list[str], device: torch.device, opts: argparse.Namespace,
+                meta: dict[str, Any]) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    sections, profiles = [], {}
+    for entry in entries:
+        spec = next(m for m in entry.models if m.role == "bundle")
+        log(f"{entry.bundle}: profiling one forward of {spec.name} at {entry.roi}")
+        torch.manual_seed(0)
+        model = FirstOutput(spec.build()).eval().to(device)
+        x = torch.randn(1, entry.in_channels, *entry.roi, device=device)
+        with _autocast(device, opts.amp):
+            rows, total, table = profile_layers(model, x, device)
+        in_leaves = sum(r["seconds"] for r in rows)
+        profiles[entry.bundle] = dict(model=spec.name, input_shape=list(x.shape), total_s=total, layers=rows,
+                                      operators=table)
+        lines = [f"## Profile: {spec.name}, input {_shape(x.shape)}, one forward {total:.2f} s", "",
+                 "| Layer kind | Calls | Time s | Share % |", "|---|---:|---:|---:|"]
+        lines += [f"| {r['kind']} | {r['calls']} | {r['seconds']:.3f} | {100 * r['share']:.1f} |" for r in rows]
+        lines.append(f"| (outside leaf modules) | - | {total - in_leaves:.3f} | {100 * (1 - in_leaves / total):.1f} |")
+        lines += ["", "Operators (torch.profiler, a third forward, self time):", "", "```", table.strip(), "```", ""]
+        sections.append("\n".join(lines))
+        del model
+    meta["wall_s"] = time.perf_counter() - t_start
+    meta["load_end"] = _loadavg()
+    lines = _header_lines(meta, "# medseg-bundles profile") + [
+        "- One forward at the bundle's patch size, batch 1, random weights, torch.inference_mode, after a warm-up "
+        "forward. Layer times come from forward hooks (a CUDA sync around each on CUDA) and add a little overhead.",
+    ]
+    if meta["scale"] != 1.0 or meta["roi"]:
+        lines.append("- **Sizes changed** (--scale/--roi): not the bundles' real patch size.")
+    lines += [f"- skipped {s}" for s in skipped]
+    markdown = "\n".join(lines) + "\n\n" + "\n".join(sections)
+    print(markdown)
+    report = dict(meta=meta, profiles=profiles, skipped=skipped, markdown=markdown)
     _write_outputs(opts, markdown, report)
     log(f"done in {meta['wall_s']:.0f} s")
     return report

@@ -77,10 +77,18 @@ def depthwise_conv3d_ndhwc(
     if pads[0] > 0 or pads[1] > 0 or pads[2] > 0:
         xl = F.pad(xl, [0, 0, 0, pads[2], 0, pads[1], 0, pads[0]])
     d, h, w = (d0 + pads[0]) // dil, (h0 + pads[1]) // dil, (w0 + pads[2]) // dil
-    # (n, D, H, W, c) -> (n * dil^3, D/dil, H/dil, W/dil, c): one sub-grid per offset along each axis
-    sub = xl.reshape(n, d, dil, h, dil, w, dil, c).permute(0, 2, 4, 6, 1, 3, 5, 7)
-    sub = sub.reshape(n * dil * dil * dil, d, h, w, c)
-    y = F.conv3d(sub.permute(0, 4, 1, 2, 3), weight, bias, padding=k // 2, groups=c).permute(0, 2, 3, 4, 1)
+    # (n, D, H, W, c) -> (n * dil^3, D/dil, H/dil, W/dil, c): one sub-grid per offset along each axis; a temporary
+    # argument, freed as soon as the convolution returns
+    y = F.conv3d(
+        xl.reshape(n, d, dil, h, dil, w, dil, c)
+        .permute(0, 2, 4, 6, 1, 3, 5, 7)
+        .reshape(n * dil * dil * dil, d, h, w, c)
+        .permute(0, 4, 1, 2, 3),
+        weight,
+        bias,
+        padding=k // 2,
+        groups=c,
+    ).permute(0, 2, 3, 4, 1)
     y = y.reshape(n, dil, dil, dil, d, h, w, c).permute(0, 4, 1, 5, 2, 6, 3, 7)
     y = y.reshape(n, d * dil, h * dil, w * dil, c)
     if pads[0] > 0 or pads[1] > 0 or pads[2] > 0:
@@ -115,12 +123,10 @@ class DepthwiseConv3d(nn.Conv3d):
         )
         self.cpu_fast_path = True
 
-    def forward_ndhwc(self, xl: torch.Tensor) -> torch.Tensor:
-        """The CPU path on an input already laid out as contiguous ``(N, D, H, W, C)`` (see :func:`to_ndhwc`), so
-        that parallel branches convert their common input once; returns ``(N, C, D, H, W)``."""
-        return depthwise_conv3d_ndhwc(xl, self.weight, self.bias, self.dilation[0])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, x_ndhwc: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``x``: ``(N, C, D, H, W)``. ``x_ndhwc``: optionally ``x`` already laid out as contiguous ``(N, D, H, W,
+        C)`` (:func:`to_ndhwc`), used by the CPU path, so that parallel branches convert their common input once."""
         if self.cpu_fast_path and use_cpu_fast_path(x):
-            return self.forward_ndhwc(to_ndhwc(x))
+            xl = to_ndhwc(x) if x_ndhwc is None else x_ndhwc
+            return depthwise_conv3d_ndhwc(xl, self.weight, self.bias, self.dilation[0])
         return self._conv_forward(x, self.weight, self.bias)

@@ -118,12 +118,15 @@ class DACB(nn.Module):
             if conv.cpu_fast_path and use_cpu_fast_path(x):
                 if xl is None:
                     xl = to_ndhwc(x)
-                z = conv.forward_ndhwc(xl)
+                feats.append(branch[2](branch[1](conv(x, xl))))
             else:
-                z = conv(x)
-            feats.append(branch[2](branch[1](z)))
-        y = self.project(self.embed(torch.cat(feats, dim=1)))
-        return self.act(self.norm(y + x))
+                feats.append(branch(x))
+        # drop what is no longer needed before the point-wise convolutions, where the block's memory peaks
+        xl = None
+        y = torch.cat(feats, dim=1)
+        feats = []
+        y = self.embed(y)
+        return self.act(self.norm(self.project(y) + x))
 
 
 class DMSFBlock(nn.Module):
