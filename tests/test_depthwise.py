@@ -9,7 +9,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from medseg_nets.blocks.depthwise import DepthwiseConv3d, depthwise_conv3d_ndhwc, from_ndhwc, to_ndhwc
+from medseg_nets.blocks.depthwise import (
+    DepthwiseConv3d,
+    depthwise_conv3d_ndhwc,
+    from_ndhwc,
+    set_cpu_fast_path,
+    to_ndhwc,
+)
 from medseg_nets.blocks.glims import DACB
 
 TOL = dict(rtol=1e-5, atol=1e-5)  # float32 rounding: the path is bit-identical where measured, not promised
@@ -114,7 +120,7 @@ def test_dacb_shared_channels_last_input_matches_plain():
     x = torch.randn(2, 6, 12, 10, 9)
     with torch.no_grad():
         fast = block(x)
-        for branch in block.branches:
-            branch[0].cpu_fast_path = False
+        assert set_cpu_fast_path(block, False) == 3
+        assert not any(branch[0].cpu_fast_path for branch in block.branches)
         plain = block(x)
     torch.testing.assert_close(fast, plain, **TOL)

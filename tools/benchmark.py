@@ -62,7 +62,7 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from medseg_nets.blocks.depthwise import DepthwiseConv3d
+from medseg_nets.blocks.depthwise import set_cpu_fast_path
 from medseg_nets.utils import keep_freed_memory, malloc_trim
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -389,6 +389,7 @@ def _memory_worker(spec_json: str) -> None:
     torch.manual_seed(0)
     entry = resolve_entry(spec["bundle"], spec["fallback_nets"], [spec["model"]])
     model = FirstOutput(next(m for m in entry.models if m.name == spec["model"]).build()).eval()
+    set_cpu_fast_path(model, not spec.get("plain_depthwise", False))
     mib = cpu_forward_peak_rss_mib(model, spec["shape"], spec["amp"])
     print("MEMORY_RESULT " + json.dumps({"peak_mib": mib}), flush=True)
 
@@ -417,6 +418,7 @@ def measure_model(entry: Entry, spec: ModelSpec, device: torch.device, opts: arg
     """All measurements of one model of ``entry``: one result dict per batch size."""
     torch.manual_seed(0)
     model = FirstOutput(spec.build()).eval()
+    set_cpu_fast_path(model, not opts.plain_depthwise)
     params = sum(p.numel() for p in model.parameters())
     model = model.to(device)
     results = []
@@ -475,7 +477,8 @@ def measure_model(entry: Entry, spec: ModelSpec, device: torch.device, opts: arg
                 else:
                     res["peak_mem_mib"] = _cpu_memory_subprocess(dict(
                         bundle=entry.bundle, model=spec.name, fallback_nets=opts.fallback_nets, shape=list(shape),
-                        amp=opts.amp, threads=torch.get_num_threads()))
+                        amp=opts.amp, threads=torch.get_num_threads(),
+                        plain_depthwise=opts.plain_depthwise))
                 log(f"  {spec.name} batch {batch}: peak forward memory {res['peak_mem_mib']:.0f} MiB")
             except Exception as e:  # noqa: BLE001
                 res["errors"].append(f"memory: {type(e).__name__}: {_short(e)}")
@@ -579,10 +582,8 @@ def speed_sweep(entry: Entry, device: torch.device, opts: argparse.Namespace) ->
     variants = sweep_variants(entry, device, amp_allowed=not opts.sweep_no_amp, batches=opts.sweep_batches)
     # contiguous variants first: channels-last converts the weights in place
     variants.sort(key=lambda v: v["channels_last"])
-    depthwise = [m for m in net.modules() if isinstance(m, DepthwiseConv3d)]
     for v in variants:
-        for m in depthwise:
-            m.cpu_fast_path = v["depthwise_fast"]
+        set_cpu_fast_path(net, v["depthwise_fast"] and not opts.plain_depthwise)
         model = ChannelsLast(net, entry.dims) if v["channels_last"] else FirstOutput(net)
         e = Entry(**{**entry.__dict__, "sw_batch_size": v["sw_batch_size"]})
         inferer = _inferer(e, device)
@@ -700,6 +701,7 @@ def _header_lines(meta: dict[str, Any], title: str = "# medseg-bundles benchmark
         + (" (other processes shared the CPU: timings are inflated and noisy)"
            if meta["load_start"] and meta["load_end"] and max(meta["load_start"][0], meta["load_end"][0])
            > 1.25 * (meta["logical_cpus"] or 1) else ""),
+        *(["- Depth-wise convolutions: plain nn.Conv3d (`--plain-depthwise`)"] if meta.get("plain_depthwise") else []),
         "- CPU allocator (timings): " + ("glibc malloc keeps freed memory for reuse (`--keep-freed-memory`, as the bundles "
                                "run)" if meta.get("keep_freed_memory") else "process default"),
         f"- Versions: torch {meta['torch']}, monai {meta['monai']}, medseg_nets {meta['medseg_nets']}, "
@@ -814,6 +816,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--sweep-no-amp", action="store_true",
                    help="leave the autocast variants out of --sweep (bfloat16 autocast is slow on CPUs without "
                         "native bfloat16)")
+    p.add_argument("--plain-depthwise", action="store_true",
+                   help="run DepthwiseConv3d layers as plain nn.Conv3d (their channels-last CPU path off), to compare")
     p.add_argument("--profile", action="store_true",
                    help="instead of the table: where one forward of each bundle's network spends its time, by kind of "
                         "layer (forward hooks) and by operator (torch.profiler)")
@@ -870,7 +874,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     meta.update(command="python tools/benchmark.py " + shlex.join(argv), amp=opts.amp, repeats=opts.repeats,
                 warmup=opts.warmup, volume_repeats=opts.volume_repeats, skip_volume=opts.skip_volume,
                 scale=opts.scale, memory=opts.memory, roi=opts.roi, volume=opts.volume,
-                keep_freed_memory=opts.keep_freed_memory)
+                keep_freed_memory=opts.keep_freed_memory, plain_depthwise=opts.plain_depthwise)
     if opts.sweep:
         return run_sweep(entries, skipped, device, opts, meta)
     if opts.profile:
@@ -1018,6 +1022,7 @@ def run_profile(entries: list[Entry], skipped: list[str], device: torch.device, 
         log(f"{entry.bundle}: profiling one forward of {spec.name} at {entry.roi}")
         torch.manual_seed(0)
         model = FirstOutput(spec.build()).eval().to(device)
+        set_cpu_fast_path(model, not opts.plain_depthwise)
         x = torch.randn(1, entry.in_channels, *entry.roi, device=device)
         with _autocast(device, opts.amp):
             rows, total, table = profile_layers(model, x, device)

@@ -38,7 +38,7 @@ holds no weights is packaged without large_files.yml (or with its own, copied un
   4. otherwise ``network_def`` is instantiated from the extracted inference.json (``ConfigParser``).
 
 Usage:
-    python tools/package_bundle.py bundles/dalight3d                  # -> build/zoo/dalight3d_v0.1.0.zip
+    python tools/package_bundle.py bundles/dalight3d                  # -> build/zoo/dalight3d_v0.1.1.zip
     python tools/package_bundle.py --all --check                      # every bundle, each round-tripped through MONAI
     python tools/package_bundle.py bundles/glims --out dist --base-url https://github.com/ORG/REPO/releases/download/v1
     python tools/package_bundle.py bundles/glims --include-weights    # weights inside the zip too

@@ -19,7 +19,7 @@ those of ``nn.Conv3d``.
 
 The path is taken for CPU tensors only, and not while ``torch.export``/``torch.compile``/ONNX export or
 ``torch.jit.trace`` record the graph (they get the plain convolution); ``DepthwiseConv3d.cpu_fast_path = False``
-turns it off for one layer.
+turns it off for one layer, :func:`set_cpu_fast_path` for every such layer of a model.
 """
 
 from __future__ import annotations
@@ -30,7 +30,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["DepthwiseConv3d", "depthwise_conv3d_ndhwc", "from_ndhwc", "to_ndhwc", "use_cpu_fast_path"]
+__all__ = [
+    "DepthwiseConv3d",
+    "depthwise_conv3d_ndhwc",
+    "from_ndhwc",
+    "set_cpu_fast_path",
+    "to_ndhwc",
+    "use_cpu_fast_path",
+]
 
 
 def use_cpu_fast_path(x: torch.Tensor) -> bool:
@@ -130,3 +137,12 @@ class DepthwiseConv3d(nn.Conv3d):
             xl = to_ndhwc(x) if x_ndhwc is None else x_ndhwc
             return depthwise_conv3d_ndhwc(xl, self.weight, self.bias, self.dilation[0])
         return self._conv_forward(x, self.weight, self.bias)
+
+
+def set_cpu_fast_path(model: nn.Module, enabled: bool) -> int:
+    """Turn the CPU path of every :class:`DepthwiseConv3d` in ``model`` on or off (off: plain ``nn.Conv3d``, e.g. to
+    compare); returns how many layers were set."""
+    layers = [m for m in model.modules() if isinstance(m, DepthwiseConv3d)]
+    for m in layers:
+        m.cpu_fast_path = bool(enabled)
+    return len(layers)
