@@ -935,19 +935,25 @@ def run_sweep(entries: list[Entry], skipped: list[str], device: torch.device, op
             skipped.append(f"{entry.bundle}: {e}")
             continue
         sections.append(render_sweep(entry.bundle, entry, rows))
+    notes = [f"- Whole-volume time: median of {meta['volume_repeats']} run(s) after a warm-up forward of one window, "
+             "random weights and input; input and output on the device used."]
+    return _finish_report(opts, meta, t_start, "# medseg-bundles inference-speed sweep", notes, sections, skipped,
+                          sweeps=sweeps)
+
+
+def _finish_report(opts: argparse.Namespace, meta: dict[str, Any], t_start: float, title: str, notes: list[str],
+                   sections: list[str], skipped: list[str], **payload: Any) -> dict[str, Any]:
+    """Header (machine, versions, command, ``notes``), the sections, printed and written (``--out``/``--json``)
+    for the sweep and profile modes; returns the report (``payload`` added to it)."""
     meta["wall_s"] = time.perf_counter() - t_start
     meta["load_end"] = _loadavg()
-    lines = _header_lines(meta, "# medseg-bundles inference-speed sweep") + [
-        f"- Whole-volume time: median of {meta['volume_repeats']} run(s) after a warm-up forward of one window, "
-        "random weights and "
-        "input; input and output on the device used.",
-    ]
+    lines = _header_lines(meta, title) + notes
     if meta["scale"] != 1.0 or meta["roi"] or meta["volume"]:
         lines.append("- **Sizes changed** (--scale/--roi/--volume): not the bundles' real patch and volume sizes.")
     lines += [f"- skipped {s}" for s in skipped]
     markdown = "\n".join(lines) + "\n\n" + "\n".join(sections)
     print(markdown)
-    report = dict(meta=meta, sweeps=sweeps, skipped=skipped, markdown=markdown)
+    report = dict(meta=meta, **payload, skipped=skipped, markdown=markdown)
     _write_outputs(opts, markdown, report)
     log(f"done in {meta['wall_s']:.0f} s")
     return report
@@ -1036,21 +1042,10 @@ def run_profile(entries: list[Entry], skipped: list[str], device: torch.device, 
         lines += ["", "Operators (torch.profiler, a third forward, self time):", "", "```", table.strip(), "```", ""]
         sections.append("\n".join(lines))
         del model
-    meta["wall_s"] = time.perf_counter() - t_start
-    meta["load_end"] = _loadavg()
-    lines = _header_lines(meta, "# medseg-bundles profile") + [
-        "- One forward at the bundle's patch size, batch 1, random weights, torch.inference_mode, after a warm-up "
-        "forward. Layer times come from forward hooks (a CUDA sync around each on CUDA) and add a little overhead.",
-    ]
-    if meta["scale"] != 1.0 or meta["roi"]:
-        lines.append("- **Sizes changed** (--scale/--roi): not the bundles' real patch size.")
-    lines += [f"- skipped {s}" for s in skipped]
-    markdown = "\n".join(lines) + "\n\n" + "\n".join(sections)
-    print(markdown)
-    report = dict(meta=meta, profiles=profiles, skipped=skipped, markdown=markdown)
-    _write_outputs(opts, markdown, report)
-    log(f"done in {meta['wall_s']:.0f} s")
-    return report
+    notes = ["- One forward at the bundle's patch size, batch 1, random weights, torch.inference_mode, after a warm-up "
+             "forward. Layer times come from forward hooks (a CUDA sync around each on CUDA) and add a little overhead."]
+    return _finish_report(opts, meta, t_start, "# medseg-bundles profile", notes, sections, skipped,
+                          profiles=profiles)
 
 
 def plot_costs(results: list[dict], meta: dict[str, Any], path: str) -> None:
