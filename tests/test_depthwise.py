@@ -124,3 +124,15 @@ def test_dacb_shared_channels_last_input_matches_plain():
         assert not any(branch[0].cpu_fast_path for branch in block.branches)
         plain = block(x)
     torch.testing.assert_close(fast, plain, **TOL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_small_maps_and_other_dtypes(dtype):
+    """Maps smaller than the dilation (all padding) and non-float32 tensors give the plain convolution's values."""
+    torch.manual_seed(0)
+    for size in [(1, 1, 1), (2, 3, 1)]:
+        for dilation in (2, 3):
+            conv = DepthwiseConv3d(3, 3, dilation).to(dtype)
+            x = torch.randn(1, 3, *size, dtype=dtype)
+            with torch.no_grad():
+                torch.testing.assert_close(conv(x), _plain(conv, x))
