@@ -4,11 +4,12 @@
 
 PyTorch's CPU tensors come from ``malloc``. glibc serves every block over 32 MiB with a fresh ``mmap`` and hands
 it back with ``munmap`` when the tensor is freed, so each forward pass of a 3D network at 96^3 maps, zero-fills
-(page fault by page fault) and unmaps gigabytes of memory again; on the 2-core VM we measured, this setting took
-GLIMS's whole-volume sweep case from 47.2 s to 24.5 s (``tools/benchmark.py --sweep [--keep-freed-memory]``). :func:`keep_freed_memory` tells glibc to take such blocks from the heap and to keep
-freed memory (up to 2 GiB at the top of the heap) for the next tensor, as CUDA's caching allocator does on the
-GPU. Numbers do not change; the process keeps its peak resident memory instead of shrinking between passes (and
-fragmentation can leave that peak somewhat higher than with the default). The same effect from the shell, for any process:
+(page fault by page fault) and unmaps gigabytes of memory again. :func:`keep_freed_memory` tells glibc to take such
+blocks from the heap and to keep freed memory (up to 2 GiB at the top of the heap) for the next tensor, as CUDA's
+caching allocator does on the GPU; on the 2-core VM we measured, that took GLIMS's whole-volume sweep case from
+47.2 s to 24.5 s (``tools/benchmark.py --bundle glims --sweep [--keep-freed-memory]``). Numbers do not change; the
+process keeps its peak resident memory instead of shrinking between passes (fragmentation can leave that peak
+somewhat higher than with the default allocator). The same effect from the shell, for any process:
 ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647``.
 """
 
