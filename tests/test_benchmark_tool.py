@@ -96,8 +96,9 @@ def test_speed_sweep_tiny(tmp_path):
 
 def test_speed_sweep_depthwise_path(tmp_path):
     """On CPU the sweep times GLIMS's depth-wise convolutions on the plain nn.Conv3d path too: same outputs."""
-    report = benchmark.main(["--bundle", "glims", "--device", "cpu", "--sweep", "--sweep-no-amp", "--sweep-batches", "4",
-                             "--roi", "32", "--volume", "40,32,32", "--out", str(tmp_path / "sweep.md")])
+    report = benchmark.main(["--bundle", "glims", "--device", "cpu", "--sweep", "--sweep-no-amp",
+                             "--sweep-batches", "4", "--roi", "32", "--volume", "40,32,32",
+                             "--out", str(tmp_path / "sweep.md")])
     rows = {r["name"]: r for r in report["sweeps"]["glims"]}
     plain = next(r for name, r in rows.items() if "cpu_fast_path off" in name)
     assert plain["error"] is None and not plain["depthwise_fast"]

@@ -702,8 +702,8 @@ def _header_lines(meta: dict[str, Any], title: str = "# medseg-bundles benchmark
            if meta["load_start"] and meta["load_end"] and max(meta["load_start"][0], meta["load_end"][0])
            > 1.25 * (meta["logical_cpus"] or 1) else ""),
         *(["- Depth-wise convolutions: plain nn.Conv3d (`--plain-depthwise`)"] if meta.get("plain_depthwise") else []),
-        "- CPU allocator (timings): " + ("glibc malloc keeps freed memory for reuse (`--keep-freed-memory`, as the bundles "
-                               "run)" if meta.get("keep_freed_memory") else "process default"),
+        "- CPU allocator (timings): " + ("glibc malloc keeps freed memory for reuse (`--keep-freed-memory`, as the "
+                                         "bundles run)" if meta.get("keep_freed_memory") else "process default"),
         f"- Versions: torch {meta['torch']}, monai {meta['monai']}, medseg_nets {meta['medseg_nets']}, "
         f"python {meta['python']}",
         f"- Command: `{meta['command']}`",
@@ -1042,8 +1042,9 @@ def run_profile(entries: list[Entry], skipped: list[str], device: torch.device, 
         lines += ["", "Operators (torch.profiler, a third forward, self time):", "", "```", table.strip(), "```", ""]
         sections.append("\n".join(lines))
         del model
-    notes = ["- One forward at the bundle's patch size, batch 1, random weights, torch.inference_mode, after a warm-up "
-             "forward. Layer times come from forward hooks (a CUDA sync around each on CUDA) and add a little overhead."]
+    notes = ["- One forward at the bundle's patch size, batch 1, random weights, torch.inference_mode, after a "
+             "warm-up forward. Layer times come from forward hooks (a CUDA sync around each on CUDA) and add a little "
+             "overhead."]
     return _finish_report(opts, meta, t_start, "# medseg-bundles profile", notes, sections, skipped,
                           profiles=profiles)
 
