@@ -82,6 +82,7 @@ def test_speed_sweep_tiny(tmp_path):
     names = [r["name"] for r in rows]
     assert names[0].startswith("bundle config") and rows[0]["sw_batch_size"] == 4
     assert {"inference_mode", "inference_mode, channels-last"} <= set(names)
+    assert not any("cpu_fast_path off" in n for n in names)  # DALight-3D has no DepthwiseConv3d: no duplicate row
     assert any(r["sw_batch_size"] == 1 for r in rows) and any(r["amp"] for r in rows)
     by_name = {r["name"]: r for r in rows}
     assert rows[0]["max_abs_diff"] == 0 and rows[0]["speedup"] == pytest.approx(1.0)

@@ -543,15 +543,16 @@ def _labels(logits: torch.Tensor, activation: str) -> torch.Tensor:
 
 
 def sweep_variants(entry: Entry, device: torch.device, amp_allowed: bool = True,
-                   batches: Sequence[int] = (1, 2, 4, 8, 16)) -> list[dict[str, Any]]:
+                   batches: Sequence[int] = (1, 2, 4, 8, 16), depthwise: bool = False) -> list[dict[str, Any]]:
     """The settings tried by :func:`speed_sweep`: the bundle's own first (the reference), then sliding-window batch
     sizes, channels-last memory format, ``torch.inference_mode`` against ``torch.no_grad`` (what MONAI's evaluators
-    use) and autocast (float16 on CUDA, bfloat16 on CPU); on CPU also the plain ``nn.Conv3d`` path of the network's
-    :class:`~medseg_nets.blocks.depthwise.DepthwiseConv3d` layers (a network without them runs unchanged there)."""
+    use) and autocast (float16 on CUDA, bfloat16 on CPU); on CPU, for a network with
+    :class:`~medseg_nets.blocks.depthwise.DepthwiseConv3d` layers (``depthwise``), also their plain ``nn.Conv3d``
+    path."""
     sw0 = entry.sw_batch_size
     base = dict(sw_batch_size=sw0, channels_last=False, amp=False, inference_mode=False, depthwise_fast=True)
     out = [dict(base, name=f"bundle config (no_grad, fp32, sw_batch_size {sw0})")]
-    if device.type == "cpu":
+    if depthwise and device.type == "cpu":
         out.append(dict(base, name="depth-wise convolutions as plain nn.Conv3d (DepthwiseConv3d.cpu_fast_path off)",
                         depthwise_fast=False))
     out.append(dict(base, name="inference_mode", inference_mode=True))
@@ -579,7 +580,10 @@ def speed_sweep(entry: Entry, device: torch.device, opts: argparse.Namespace) ->
     activation = BUNDLES[entry.bundle].get("activation", "softmax")
     rows: list[dict[str, Any]] = []
     ref_logits = ref_labels = None
-    variants = sweep_variants(entry, device, amp_allowed=not opts.sweep_no_amp, batches=opts.sweep_batches)
+    # the plain depth-wise row only where it differs from the reference row
+    depthwise = set_cpu_fast_path(net, not opts.plain_depthwise) > 0 and not opts.plain_depthwise
+    variants = sweep_variants(entry, device, amp_allowed=not opts.sweep_no_amp, batches=opts.sweep_batches,
+                              depthwise=depthwise)
     # contiguous variants first: channels-last converts the weights in place
     variants.sort(key=lambda v: v["channels_last"])
     for v in variants:
