@@ -17,6 +17,17 @@ sys.path.insert(0, str(ROOT / "tools"))
 from make_demo_data import make_case, make_dataset  # noqa: E402
 
 SHARED_DATA = ROOT.parent / "shared" / "data"
+REFERENCE_DIR = ROOT.parent / "shared" / "reference"
+
+
+def load_reference(name: str) -> dict:
+    """``../shared/reference/<name>``: outputs of the authors' own code (see its README); skip when absent."""
+    import torch
+
+    path = REFERENCE_DIR / name
+    if not path.is_file():
+        pytest.skip(f"{path} is absent: the authors' reference outputs are not beside this checkout")
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def run_cli(args: list[str], cwd: Path = ROOT, timeout: int = 900, check: bool = True, torchrun: int = 0):
