@@ -2,8 +2,8 @@
 
 :func:`sweep_variants` lists the settings (the bundle's own first, as the reference; sliding-window batch sizes,
 ``torch.inference_mode``, channels-last, autocast and, on CPU for a network with ``DepthwiseConv3d`` layers, their
-plain ``nn.Conv3d`` path); :func:`speed_sweep` times the bundle's network under each and says how far each output is from the
-reference's; :func:`render_sweep` writes one bundle's table and :func:`run_sweep` the whole report.
+plain ``nn.Conv3d`` path); :func:`speed_sweep` times the bundle's network under each and says how far each output
+is from the reference's; :func:`render_sweep` writes one bundle's table and :func:`run_sweep` the whole report.
 """
 
 from __future__ import annotations
