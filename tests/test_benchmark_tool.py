@@ -125,6 +125,7 @@ def test_cpu_memory_worker_subprocess():
     measure in process): the worker starts, builds the one model and answers with a figure."""
     from bench.memory import cpu_memory_subprocess
 
-    mib = cpu_memory_subprocess(dict(bundle="dalight3d", model="SegResNet", fallback_nets=False,
-                                     shape=[1, 4, 16, 16, 16], amp=False, threads=1, plain_depthwise=False), timeout=600)
+    spec = dict(bundle="dalight3d", model="SegResNet", fallback_nets=False, shape=[1, 4, 16, 16, 16], amp=False,
+                threads=1, plain_depthwise=False)
+    mib = cpu_memory_subprocess(spec, timeout=600)
     assert isinstance(mib, float) and mib >= 0
