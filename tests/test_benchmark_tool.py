@@ -118,3 +118,14 @@ def test_profile_names_the_depthwise_layers(tmp_path):
     assert sum(r["seconds"] for r in prof["layers"]) <= prof["total_s"] * 1.05
     assert prof["input_shape"] == [1, 4, 32, 32, 32] and "aten::" in prof["operators"]
     assert "## Profile: GLIMS (bundle)" in (tmp_path / "profile.md").read_text()
+
+
+def test_cpu_memory_worker_subprocess():
+    """The CPU memory figure comes from a fresh ``tools/benchmark.py --memory-worker`` process (the smoke runs above
+    measure in process): the worker starts, builds the one model and answers with a figure."""
+    from bench.memory import cpu_memory_subprocess
+
+    spec = dict(bundle="dalight3d", model="SegResNet", fallback_nets=False, shape=[1, 4, 16, 16, 16], amp=False,
+                threads=1, plain_depthwise=False)
+    mib = cpu_memory_subprocess(spec, timeout=600)
+    assert isinstance(mib, float) and mib >= 0
