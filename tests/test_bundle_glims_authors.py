@@ -17,7 +17,7 @@ from scipy import ndimage
 from medseg_nets import InputDataError
 from medseg_nets.blocks.glims import relative_position_index
 from medseg_nets.convert import convert_authors_state_dict
-from medseg_nets.convert.glims import _authors_keys, map_key
+from medseg_nets.convert.glims import authors_keys, map_key
 from medseg_nets.nets.glims import GLIMS
 from medseg_nets.transforms import (
     GLIMSBraTSPostprocessd,
@@ -48,7 +48,7 @@ def _authors_checkpoint(seed: int) -> dict:
     ours = net.state_dict()
     index = relative_position_index([7, 7, 7], [7, 7, 7], torch.device("cpu"))
     authors = {}
-    for key in _authors_keys((2, 2, 6, 2)):
+    for key in authors_keys((2, 2, 6, 2)):
         authors[key] = ours[map_key(key)].clone()
     for key in [k for k in authors if ".blocks." in k and k.endswith("attn.qkv.weight")]:
         authors[key.replace("attn.qkv.weight", "attn.relative_position_index")] = index.clone()

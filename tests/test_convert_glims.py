@@ -10,7 +10,7 @@ from conftest import REFERENCE_DIR, load_reference
 
 from medseg_nets.blocks.glims import SwinStage3D, relative_position_index
 from medseg_nets.convert import AuthorsCheckpointError, convert_authors_state_dict
-from medseg_nets.convert.glims import convert, map_key
+from medseg_nets.convert.glims import authors_keys, convert, map_key
 from medseg_nets.nets.glims import AUTHORS_RELEASE, GLIMS
 
 LISTINGS = {"brats_4to3": (4, 3), "btcv_1to14": (1, 14)}
@@ -44,6 +44,14 @@ def test_full_size_listing_loads_strict(name):
     for k, shape in listing.items():
         if k not in dropped:
             assert list(sd[map_key(k)].shape) == shape, k
+
+
+@pytest.mark.parametrize("name", sorted(LISTINGS))
+def test_authors_key_inventory_is_the_release(name):
+    """The parameters a checkpoint must hold are exactly the release's (the index buffers aside)."""
+    listing = _listing(name)
+    params = {k for k in listing if not k.endswith("attn.relative_position_index")}
+    assert set(authors_keys()) == params and len(authors_keys()) == len(params)
 
 
 def test_unknown_key_named():

@@ -44,7 +44,7 @@ import torch
 
 from medseg_nets.convert import AuthorsCheckpointError
 
-__all__ = ["convert", "map_key", "expected_keys"]
+__all__ = ["convert", "map_key", "authors_keys", "DROPPED"]
 
 _DACB_BRANCH = {"conv_3x3": "0", "conv_3x3_dil": "1", "conv_3x3_dil2": "2"}
 _DACB_POINTWISE = {"conv_1x1": "embed", "conv_1x1_2": "project"}
@@ -164,14 +164,9 @@ def map_key(key: str) -> str | None:
     return None
 
 
-def expected_keys(depths: tuple[int, ...] = (2, 2, 6, 2)) -> list[str]:
-    """Our state-dict keys that an authors' checkpoint must provide, for the Swin ``depths`` of the release."""
-    return sorted(ours for ours in (map_key(k) for k in _authors_keys(depths)) if ours)
-
-
-def _authors_keys(depths: tuple[int, ...]) -> list[str]:
-    """The authors' parameter names (buffers included) for ``depths``: the inverse direction of the mapping,
-    used to report what a checkpoint lacks."""
+def authors_keys(depths: tuple[int, ...] = (2, 2, 6, 2)) -> list[str]:
+    """The authors' parameter names for Swin ``depths`` (their ``relative_position_index`` buffers excluded): what a
+    checkpoint of the release must hold; used to report what a checkpoint lacks."""
     keys = ["stem." + k for k in _CONV_ADN]
     dacb = [f"{b}.{p}" for b in _DACB_BRANCH for p in _GROUPCONV]
     dacb += [f"{c}.{p}" for c in _DACB_POINTWISE for p in _CONV_ADN] + ["prelu.weight", "prelu2.weight"]
@@ -213,7 +208,7 @@ def convert(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             f"e.g. {unknown[:5]}"
         )
     depths = _depths_of(state_dict)
-    missing = sorted(k for k in _authors_keys(depths) if k not in state_dict)
+    missing = sorted(k for k in authors_keys(depths) if k not in state_dict)
     if missing:
         raise AuthorsCheckpointError(
             f"the checkpoint lacks {len(missing)} parameter(s) of the authors' GLIMS, e.g. {missing[:5]}"
