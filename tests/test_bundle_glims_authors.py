@@ -238,3 +238,18 @@ def test_select_channels():
     assert out.flatten().tolist() == [0.0, 2.0, 1.0, 3.0] and out.meta["filename_or_obj"] == "x-t2f.nii.gz"
     with pytest.raises(InputDataError, match="x-t2f.nii.gz.*at least 6 channels"):
         SelectChannelsd("image", [5])({"image": img})
+
+
+def test_mean_ensemble_members_and_average():
+    from medseg_nets.nets.ensemble import MeanEnsemble
+
+    net = torch.nn.Conv3d(1, 2, 1)
+    single = MeanEnsemble.for_checkpoints(net, ["a.pt", None, ""])
+    assert len(single.members) == 1 and single.members[0] is net and single.checkpoints == ["a.pt"]
+    pair = MeanEnsemble.for_checkpoints(net, ["a.pt", "b.pt"])
+    with torch.no_grad():
+        pair.members[1].weight.add_(1.0)
+    x = torch.randn(1, 1, 2, 2, 2)
+    torch.testing.assert_close(pair(x), (pair.members[0](x) + pair.members[1](x)) / 2)
+    with pytest.raises(ValueError, match="no checkpoint"):
+        MeanEnsemble.for_checkpoints(net, [None])
