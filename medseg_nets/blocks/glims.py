@@ -255,15 +255,24 @@ def effective_window(dims: List[int], window_size: List[int], shift: bool) -> Tu
     return window, shifts
 
 
-def relative_position_index(window: List[int], max_window: List[int], device: torch.device) -> torch.Tensor:
+def relative_position_index(
+    window: List[int], max_window: List[int], device: torch.device, cropped: bool = False
+) -> torch.Tensor:
     """Index ``(n, n)`` into a ``(2M_d-1)(2M_h-1)(2M_w-1)`` relative position bias table for a window ``window``
     (each axis at most ``max_window``): ``idx = dd (2M_h-1)(2M_w-1) + dh (2M_w-1) + dw`` with ``dx = x_i - x_j + M-1``.
+
+    ``cropped=True`` returns instead the top-left ``(n, n)`` block of the index of the full ``max_window`` window,
+    what MONAI's SwinUNETR and the GLIMS release do for a clamped window (``relative_position_index[:n, :n]``): the
+    ``n`` tokens of the clamped window are then given the offsets of the first ``n`` tokens of the full window, which
+    are not their offsets unless the window is the full one or only its first axis is shorter.
     """
     n = window[0] * window[1] * window[2]
+    # token coordinates: those of the window itself, or (cropped) those of the first n tokens of the full window
+    layout = max_window if cropped else window
     t = torch.arange(n, device=device)
-    cd = torch.div(t, window[1] * window[2], rounding_mode="floor")
-    ch = torch.remainder(torch.div(t, window[2], rounding_mode="floor"), window[1])
-    cw = torch.remainder(t, window[2])
+    cd = torch.div(t, layout[1] * layout[2], rounding_mode="floor")
+    ch = torch.remainder(torch.div(t, layout[2], rounding_mode="floor"), layout[1])
+    cw = torch.remainder(t, layout[2])
     rd = cd[:, None] - cd[None, :] + (max_window[0] - 1)
     rh = ch[:, None] - ch[None, :] + (max_window[1] - 1)
     rw = cw[:, None] - cw[None, :] + (max_window[2] - 1)
@@ -547,6 +556,9 @@ class SwinStage3D(nn.Module):
         qkv_bias: learnable bias of the query/key/value projections.
         mlp_act: activation of the MLPs (see :class:`SwinMlp`).
         grid: size of the position embedding; ``None``: no position embedding.
+        relative_position: relative position bias of a window clamped to a smaller map: ``"offsets"`` (the true
+            offsets of its tokens, Swin's definition) or ``"cropped"`` (the GLIMS release's and MONAI SwinUNETR's
+            ``[:n, :n]`` crop of the full window's index, see :func:`relative_position_index`).
     """
 
     def __init__(
@@ -559,8 +571,12 @@ class SwinStage3D(nn.Module):
         qkv_bias: bool = True,
         mlp_act: str = "prelu",
         grid: Optional[Sequence[int]] = None,
+        relative_position: str = "offsets",
     ) -> None:
         super().__init__()
+        if relative_position not in ("offsets", "cropped"):
+            raise ValueError(f"relative_position must be 'offsets' or 'cropped', got {relative_position!r}.")
+        self.cropped_index = relative_position == "cropped"
         self.window_size: List[int] = [int(s) for s in window_size]
         self.pos: nn.Module = PositionEmbedding3D(dim, grid) if grid is not None else nn.Identity()
         self.blocks = nn.ModuleList(
@@ -577,7 +593,7 @@ class SwinStage3D(nn.Module):
         window, _ = effective_window(dims, self.window_size, False)
         _, shifts = effective_window(dims, self.window_size, True)
         padded = [dims[i] + (window[i] - dims[i] % window[i]) % window[i] for i in range(3)]
-        rel_index = relative_position_index(window, self.window_size, x.device)
+        rel_index = relative_position_index(window, self.window_size, x.device, self.cropped_index)
         mask: Optional[torch.Tensor] = None
         if shifts[0] > 0 or shifts[1] > 0 or shifts[2] > 0:
             mask = shifted_window_mask(padded, window, shifts, x.device)
@@ -596,7 +612,7 @@ class SwinUpStage3D(nn.Module):
 
     Args:
         dim: output width ``C`` (the input has ``2C``, the skip ``C`` channels).
-        depth, num_heads, window_size, mlp_ratio, qkv_bias, mlp_act: see :class:`SwinStage3D`.
+        depth, num_heads, window_size, mlp_ratio, qkv_bias, mlp_act, relative_position: see :class:`SwinStage3D`.
         grid: size of the position embedding (the output map size the network is built for).
     """
 
@@ -610,13 +626,16 @@ class SwinUpStage3D(nn.Module):
         qkv_bias: bool = True,
         mlp_act: str = "prelu",
         grid: Sequence[int] = (6, 6, 6),
+        relative_position: str = "offsets",
     ) -> None:
         super().__init__()
         self.upsample = PatchExpand3D(2 * dim)
         self.upsample.apply(init_transformer_weights)
         self.pos = PositionEmbedding3D(dim, grid)
         self.fuse = conv_in_prelu(2 * dim, dim)
-        self.stage = SwinStage3D(dim, depth, num_heads, window_size, mlp_ratio, qkv_bias, mlp_act, None)
+        self.stage = SwinStage3D(
+            dim, depth, num_heads, window_size, mlp_ratio, qkv_bias, mlp_act, None, relative_position
+        )
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         u = self.pos(self.upsample(x))

@@ -22,7 +22,11 @@ from medseg_nets.blocks.glims import (
     conv_in_prelu,
 )
 
-__all__ = ["GLIMS"]
+__all__ = ["GLIMS", "AUTHORS_RELEASE"]
+
+#: the constructor arguments that make :class:`GLIMS` compute what the authors' release (``yaziciz/GLIMS``,
+#: ``GLIMS.py``) computes, where our defaults follow the paper instead; used by :meth:`GLIMS.authors_release`
+AUTHORS_RELEASE = {"csab_spatial_norm": "layer", "relative_position": "cropped", "swin_up_norm": False}
 
 
 class GLIMS(nn.Module):
@@ -40,7 +44,7 @@ class GLIMS(nn.Module):
         swin_enc2   t = Swin(16F, depths[2], num_heads[2]) + PE;  s5 = LN(t)     S/16
         merge       LN(PatchMerging(t))  16F -> 32F                             S/32
         swin_bottleneck  LN(Swin(32F, depths[3], num_heads[3]) + PE)            S/32
-        swin_up     LN(Swin(Conv1x1-IN-PReLU([PE(PatchExpand(.)), CSAB(s5)])))  32F -> 16F at S/16
+        swin_up     Swin(Conv1x1-IN-PReLU([PE(PatchExpand(.)), CSAB(s5)]))      32F -> 16F at S/16
         dec4        DMSU 16F -> 8F with CSAB(s4)           -> d4                S/8
         swin_dec    LN(Swin(8F, depths[1], num_heads[1]) + PE)                  S/8
         dec3        DMSU 8F -> 4F with CSAB(s3)            -> d3                S/4
@@ -78,7 +82,12 @@ class GLIMS(nn.Module):
     - position embeddings sized for ``img_size`` (96: grids 12^3, 6^3, 3^3, 6^3, 12^3), resampled trilinearly for
       other input sizes (ours: the reference only runs at its training size);
     - relative position bias: a clamped window (6^3, 3^3 at 96^3 input) looks up its true relative offsets in the
-      13^3 table (ours; the reference crops the 7^3 index to ``[:n, :n]``, which mixes offsets up);
+      13^3 table (Swin's definition, which the paper adopts); the reference crops the 7^3 index to ``[:n, :n]``
+      (code inherited from MONAI's SwinUNETR), which gives most token pairs another pair's offsets;
+      ``relative_position="cropped"`` reproduces that;
+    - the output of the transformer up-sampling stage is not layer-normed (``swin_up_norm=False``), as in the
+      reference, whose other Swin stages end with a parameter-free channel LayerNorm but whose up-sampling stage
+      calls its ``proj_out`` with ``normalize=False``;
     - each DACB also holds the reference's unused PReLU, frozen (see :class:`~medseg_nets.blocks.glims.DACB`);
     - non-cubic inputs are handled directly (the reference adds a "learnable resizer" for them; not built);
     - deep-supervision heads upsampled to the input size (ours, see Output).
@@ -105,8 +114,30 @@ class GLIMS(nn.Module):
         csab_reduction: reduction ratio of the CSAB channel MLP.
         csab_spatial_kernel_size: kernel size of the CSAB spatial-attention convolution.
         csab_spatial_norm: ``"instance"`` or ``"layer"`` (reference), see :class:`~medseg_nets.blocks.glims.CSAB`.
+        relative_position: ``"offsets"`` or ``"cropped"`` (reference), see
+            :class:`~medseg_nets.blocks.glims.SwinStage3D`.
+        swin_up_norm: layer-norm the output of the transformer up-sampling stage (the reference does not).
         deep_supervision: return the deep-supervision heads in training mode.
+
+    The authors' network (to load their weights, see :mod:`medseg_nets.convert.glims`) is
+    ``GLIMS.authors_release(in_channels, out_channels, feature_size)``, i.e. these arguments with
+    :data:`AUTHORS_RELEASE` (``csab_spatial_norm="layer"``, ``relative_position="cropped"``,
+    ``swin_up_norm=False``). Verified against the
+    output of the authors' ``GLIMS.py`` (``tests/test_convert_glims.py``, stored reference at feature size 12).
     """
+
+    @classmethod
+    def authors_release(
+        cls, in_channels: int = 4, out_channels: int = 3, feature_size: int = 24, **kwargs
+    ) -> "GLIMS":
+        """GLIMS as the authors' release builds it (:data:`AUTHORS_RELEASE` over the other arguments): the network
+        that their checkpoints, converted by ``medseg_nets.convert.convert_authors_state_dict("glims", ...)``,
+        reproduce. ``kwargs`` are the other constructor arguments (e.g. ``img_size``, ``deep_supervision``);
+        arguments in :data:`AUTHORS_RELEASE` may not be overridden here."""
+        clash = sorted(set(kwargs) & set(AUTHORS_RELEASE))
+        if clash:
+            raise ValueError(f"authors_release fixes {clash}; build GLIMS(...) directly to change them.")
+        return cls(in_channels, out_channels, feature_size, **kwargs, **AUTHORS_RELEASE)
 
     def __init__(
         self,
@@ -124,6 +155,8 @@ class GLIMS(nn.Module):
         csab_reduction: int = 2,
         csab_spatial_kernel_size: int = 7,
         csab_spatial_norm: str = "instance",
+        relative_position: str = "offsets",
+        swin_up_norm: bool = False,
         deep_supervision: bool = True,
     ) -> None:
         super().__init__()
@@ -146,8 +179,15 @@ class GLIMS(nn.Module):
         grid8 = [s // 8 for s in img]
         grid16 = [s // 16 for s in img]
         grid32 = [s // 32 for s in img]
-        swin = dict(window_size=window_size, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, mlp_act=swin_mlp_act)
+        swin = dict(
+            window_size=window_size,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias,
+            mlp_act=swin_mlp_act,
+            relative_position=relative_position,
+        )
         self.deep_supervision = deep_supervision
+        self.swin_up_norm = swin_up_norm
         self.stem = conv_in_prelu(in_channels, widths[0])
         self.encoders = nn.ModuleList([DMSFBlock(widths[i], widths[i + 1]) for i in range(4)])
         self.swin_enc1 = SwinStage3D(widths[3], depths[1], num_heads[1], grid=grid8, **swin)
@@ -190,7 +230,9 @@ class GLIMS(nn.Module):
         refined: List[torch.Tensor] = []
         for i, att in enumerate(self.skip_attention):
             refined.append(att(skips[i]))
-        h = channel_layer_norm(self.swin_up(h, refined[4]))
+        h = self.swin_up(h, refined[4])
+        if self.swin_up_norm:
+            h = channel_layer_norm(h)
         dec_outs: List[torch.Tensor] = []
         for i, dec in enumerate(self.decoders):
             h = dec(h, refined[3 - i])
