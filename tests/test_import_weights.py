@@ -68,11 +68,12 @@ def dalight_checkpoint(tmp_path_factory) -> tuple[Path, dict]:
     return path, net.state_dict()
 
 
-def test_dalight3d_import_writes_weights_and_provenance(tmp_path, dalight_checkpoint):
+def test_dalight3d_import_writes_weights_and_provenance(tmp_path, dalight_checkpoint, capsys):
     ckpt, expected = dalight_checkpoint
     root = bundle_copy(tmp_path, "dalight3d")
     argv = ["--bundle", "dalight3d", "--from", "authors", str(ckpt), "--bundle-root", str(root)]
     assert import_weights.main(argv) == 0
+    assert "note: the network attends across slices along spatial axis 2" in capsys.readouterr().out
     model = root / "models" / "model.pt"
     sd = torch.load(model, weights_only=True)
     assert set(sd) == set(expected) and all(torch.equal(sd[k], expected[k]) for k in sd)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import hashlib
+import importlib
 import io
 import json
 import shlex
@@ -89,8 +90,6 @@ def synthetic_input(bundle_root: Path, net_args: dict[str, Any]):
 
 
 def _mismatch(path: Path, bundle: str, converted: dict, own: dict, net_args: dict, state_dict: dict) -> str:
-    import importlib
-
     missing = [k for k in own if k not in converted]
     extra = [k for k in converted if k not in own]
     shapes = [
@@ -157,6 +156,8 @@ def prepare(bundle: str, checkpoint: Path, bundle_root: Path) -> tuple[bytes, st
     torch.save({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, buf)
     summary = {"parameters": sum(p.numel() for p in net.parameters()), "input": list(x.shape),
                "output": [list(o.shape) for o in outputs]}
+    module = importlib.import_module(f"medseg_nets.convert.{bundle}")
+    summary["notes"] = list(module.import_notes(net_args)) if hasattr(module, "import_notes") else []
     return buf.getvalue(), sha256_bytes(raw), summary
 
 
@@ -225,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {model_path} (sha256 {model_sha}; {summary['parameters']:,} parameters; forward "
           f"{summary['input']} -> {summary['output']} finite) from {checkpoint} (sha256 {source_sha})")
     print(f"recorded in {meta_file.name} 'weights', {readme_file.relative_to(bundle_root)} and large_files.yml")
+    for note in summary["notes"]:
+        print(f"note: {note}")
     return 0
 
 

@@ -38,7 +38,7 @@ import torch
 from medseg_nets.convert import AuthorsCheckpointError
 from medseg_nets.convert._rules import BN, CONV, CONV_NB, LINEAR, NORM, Rule, apply_rules, check_against
 
-__all__ = ["RULES", "convert", "network_kwargs"]
+__all__ = ["RULES", "convert", "import_notes", "network_kwargs"]
 
 _ICN_PAIR = "scanner_gamma+scanner_beta"  # the two embedding tables, concatenated before the rules run
 
@@ -138,6 +138,19 @@ def network_kwargs(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     if kwargs["use_icn"]:
         kwargs["num_identifiers"] = int(state_dict["encoder.stages.0.norm1.scanner_gamma.weight"].shape[0])
     return kwargs
+
+
+def import_notes(network_args: Mapping[str, Any]) -> list[str]:
+    """What a user of the authors' weights in a network built with ``network_args`` should know."""
+    notes = []
+    if int(network_args.get("slice_axis", 0)) != 0:
+        notes.append(
+            f"the network attends across slices along spatial axis {network_args['slice_axis']}, while the authors' "
+            "code attends along the first array axis of the NIfTI as stored (it reads (x, y, z, c) and transposes to "
+            "(c, x, y, z)); to run the weights as they were trained, set network_def#slice_axis to 0 and feed "
+            "volumes in the files' own orientation"
+        )
+    return notes
 
 
 def _join_icn_tables(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -42,7 +42,7 @@ import torch
 from medseg_nets.convert import AuthorsCheckpointError
 from medseg_nets.convert._rules import BN, CONV, CONV_NB, NORM, Rule, apply_rules, check_against
 
-__all__ = ["RULES", "convert", "network_kwargs"]
+__all__ = ["RULES", "convert", "import_notes", "network_kwargs"]
 
 #: the key map, authors' module -> ours
 RULES: list[Rule] = [
@@ -160,6 +160,15 @@ def network_kwargs(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         "lgag_ks": int(_get(state_dict, "decoder.lgag1.W_g.0.weight").shape[-1]),
         "input_adapter": "conv",
     }
+
+
+def import_notes(network_args: Mapping[str, Any]) -> list[str]:
+    """What a user of the authors' weights in a network built with ``network_args`` should know."""
+    return [
+        f"the MSCB activation is not stored in a checkpoint: the network uses {network_args.get('activation', 'relu6')!r}; "
+        "the authors' train_synapse.py trains with --activation_mscb (relu6 by default, named in its snapshot folder "
+        "'..._act_mscb_<activation>_...'), their EMCADNet constructor defaults to 'relu'"
+    ]
 
 
 def convert(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
