@@ -136,6 +136,12 @@ def prepare(bundle: str, checkpoint: Path, bundle_root: Path) -> tuple[bytes, st
             f"{checkpoint}: not a PyTorch checkpoint of tensors ({type(err).__name__}: {str(err).splitlines()[0]})"
         ) from err
     try:
+        importlib.import_module(f"medseg_nets.convert.{bundle}")
+    except ModuleNotFoundError as err:
+        raise WeightsImportError(
+            f"{checkpoint}: this installation of medseg_nets has no converter for {bundle} (medseg_nets.convert.{bundle})"
+        ) from err
+    try:
         state_dict = unwrap_checkpoint(obj)
         converted = convert_authors_state_dict(bundle, obj)
     except AuthorsCheckpointError as err:
