@@ -125,7 +125,9 @@ def prepare(bundle: str, checkpoint: Path, bundle_root: Path) -> tuple[bytes, st
     from medseg_nets.convert import AuthorsCheckpointError, convert_authors_state_dict, unwrap_checkpoint
 
     if not checkpoint.is_file():
-        raise WeightsImportError(f"{checkpoint}: no such file (expected a checkpoint saved by the authors' {bundle} code)")
+        raise WeightsImportError(
+            f"{checkpoint}: no such file (expected a checkpoint saved by the authors' {bundle} code)"
+        )
     if not (bundle_root / "configs" / "metadata.json").is_file():
         raise WeightsImportError(f"{bundle_root}: not a bundle folder (configs/metadata.json missing)")
     raw = checkpoint.read_bytes()
@@ -139,7 +141,8 @@ def prepare(bundle: str, checkpoint: Path, bundle_root: Path) -> tuple[bytes, st
         importlib.import_module(f"medseg_nets.convert.{bundle}")
     except ModuleNotFoundError as err:
         raise WeightsImportError(
-            f"{checkpoint}: this installation of medseg_nets has no converter for {bundle} (medseg_nets.convert.{bundle})"
+            f"{checkpoint}: this installation of medseg_nets has no converter for {bundle} "
+            f"(medseg_nets.convert.{bundle})"
         ) from err
     try:
         state_dict = unwrap_checkpoint(obj)
@@ -200,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     from medseg_nets.utils.fileio import atomic_write, atomic_write_text
 
     now = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0)
-    command = "python tools/import_weights.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    given = argv if argv is not None else sys.argv[1:]
+    command = "python tools/import_weights.py " + " ".join(shlex.quote(a) for a in given)
     model_path = bundle_root / "models" / "model.pt"
     model_sha = sha256_bytes(model_bytes)
     meta_file = bundle_root / "configs" / "metadata.json"

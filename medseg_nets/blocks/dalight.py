@@ -375,7 +375,8 @@ class SSFB(nn.Module):
 
       .. math::
 
-          Q = \\mathrm{softmax}_{N}(\\tau W_q u),\\; K = \\mathrm{softmax}_{r}(\\tau W_k s) \\in \\mathbb{R}^{r \\times N},\\;
+          Q = \\mathrm{softmax}_{N}(\\tau W_q u),\\;
+          K = \\mathrm{softmax}_{r}(\\tau W_k s) \\in \\mathbb{R}^{r \\times N},\\;
           V = W_v s \\in \\mathbb{R}^{C \\times N},\\quad a = W_o \\big((V K^\\top) Q\\big)
 
       (the queries are normalised over the voxels and the keys over the rank: the reverse of Shen et al.'s

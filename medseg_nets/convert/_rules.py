@@ -79,7 +79,10 @@ def error_list(keys: Iterable[str], limit: int = 12) -> str:
 
 
 def apply_rules(
-    state_dict: Mapping[str, torch.Tensor], rules: Iterable[Rule], network: str, hints: Mapping[str, str] = {}
+    state_dict: Mapping[str, torch.Tensor],
+    rules: Iterable[Rule],
+    network: str,
+    hints: Optional[Mapping[str, str]] = None,
 ) -> dict[str, torch.Tensor]:
     """Map every key of ``state_dict`` through the first rule that covers it; unknown keys raise.
 
@@ -102,7 +105,7 @@ def apply_rules(
         else:
             unknown.append(key)
     if unknown:
-        notes = sorted({note for pattern, note in hints.items() for k in unknown if re.search(pattern, k)})
+        notes = sorted({note for pattern, note in (hints or {}).items() for k in unknown if re.search(pattern, k)})
         raise AuthorsCheckpointError(
             f"unknown key(s) in the {network} checkpoint: {error_list(unknown)}"
             + (f" ({'; '.join(notes)})" if notes else "")

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from medseg_nets.convert import AuthorsCheckpointError
-from medseg_nets.convert._rules import BN, CONV, CONV_NB, LINEAR, NORM, Rule, apply_rules, check_against
+from medseg_nets.convert._rules import CONV, CONV_NB, LINEAR, NORM, Rule, apply_rules, check_against
 
 __all__ = ["RULES", "convert", "import_notes", "network_kwargs"]
 
@@ -101,7 +101,6 @@ RULES: list[Rule] = (
         Rule("head.head.3", "head.4", CONV),
     ]
 )
-assert not any(set(r.tensors) & set(BN) - set(NORM) for r in RULES)  # no BatchNorm anywhere in DALight-3D
 
 _HINTS = {
     r"^head\.net\.": "the evidential head of use_uncertainty=True has no counterpart in medseg_nets; "

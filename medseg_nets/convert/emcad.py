@@ -132,7 +132,9 @@ def network_kwargs(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         (
             name
             for name, cfg in PVT_V2_CONFIGS.items()
-            if cfg["embed_dims"] == dims and cfg["depths"] == depths and (cfg["mlp_ratios"][0], cfg["mlp_ratios"][3]) == ratios
+            if cfg["embed_dims"] == dims
+            and cfg["depths"] == depths
+            and (cfg["mlp_ratios"][0], cfg["mlp_ratios"][3]) == ratios
         ),
         None,
     )
@@ -165,7 +167,8 @@ def network_kwargs(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
 def import_notes(network_args: Mapping[str, Any]) -> list[str]:
     """What a user of the authors' weights in a network built with ``network_args`` should know."""
     return [
-        f"the MSCB activation is not stored in a checkpoint: the network uses {network_args.get('activation', 'relu6')!r}; "
+        "the MSCB activation is not stored in a checkpoint: the network uses "
+        f"{network_args.get('activation', 'relu6')!r}; "
         "the authors' train_synapse.py trains with --activation_mscb (relu6 by default, named in its snapshot folder "
         "'..._act_mscb_<activation>_...'), their EMCADNet constructor defaults to 'relu'"
     ]
