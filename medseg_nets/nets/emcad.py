@@ -155,7 +155,10 @@ class EMCADNet(nn.Module):
     the reference; other sizes also work (each EUCB resizes to its skip's size, the encoder rounds sizes up). In
     training mode it returns the list of the four head outputs ``[p4, p3, p2, p1]`` (deepest first, all
     ``(B, out_channels, H, W)``); in eval mode only ``p1`` (the shallowest head, the last produced) as a tensor.
-    The module scripts with ``torch.jit.script``.
+    :meth:`forward_heads` returns the four heads in either mode (the authors' ``forward(x, mode='test')``).
+    The module scripts with ``torch.jit.script``. With the authors' weights converted by
+    :mod:`medseg_nets.convert.emcad` (and their ``activation``), the four heads equal the authors' outputs
+    (``tests/test_convert_dalight3d_emcad.py``).
     """
 
     def __init__(
