@@ -253,7 +253,7 @@ def test_se_gates_in_unit_interval():
 def test_ssfb_shapes_and_gate():
     torch.manual_seed(0)
     ssfb = SSFB(16, rank=8)
-    assert torch.sigmoid(ssfb.blend).item() == 0.5
+    assert ssfb.blend.shape == (1,) and ssfb.blend.item() == 0.5  # the authors' initial alpha
     dec, skip = torch.randn(2, 16, 4, 6, 8), torch.randn(2, 16, 4, 6, 8)
     g = ssfb.channel_gate(dec, skip)
     assert g.shape == (2, 16) and ((g > 0) & (g < 1)).all()

@@ -209,7 +209,13 @@ class CrossSliceAttention(nn.Module):
 
         Q = W_q s,\\; K = W_k s \\in \\mathbb{R}^{m \\times D},\\quad V = W_v s \\in \\mathbb{R}^{C \\times D},\\quad
         A = \\mathrm{softmax}_j\\!\\left(\\frac{Q^\\top K}{\\sqrt{m}}\\right),\\quad
-        y_{c,d,h,w} = x_{c,d,h,w} + \\sum_j A_{d,j} V_{c,j}
+        y_{c,d,h,w} = x_{c,d,h,w} + (V A)_{c,d} = x_{c,d,h,w} + \\sum_i V_{c,i} A_{i,d}
+
+    The attended term is ``V A`` as in the paper's equation (``CSA(x) = x + Broadcast(W_o V A)``, without the
+    ``W_o`` that neither the authors' release code nor its parameter count has) and in the authors' code: the
+    softmax runs over the keys ``j`` of each query row ``i``, and slice ``d`` receives ``sum_i A[i, d] V[:, i]``,
+    i.e. it is weighted by the attention *it receives* (a column of ``A``), not by the row of its own query as in
+    the usual ``softmax(QK^T) V``. Checked against the authors' outputs (``tests/test_convert_dalight3d_emcad.py``).
 
     with ``m = max(C / reduction, min_channels)`` and ``W_q, W_k, W_v`` kernel-1 1D convolutions with bias.
     The added term is constant along the two pooled axes.
@@ -241,7 +247,7 @@ class CrossSliceAttention(nn.Module):
         k = self.key(s)  # (B, m, D)
         v = self.value(s)  # (B, C, D)
         attn = torch.softmax(torch.bmm(q.transpose(1, 2), k) * self.scale, dim=-1)  # (B, D, D), rows = queries
-        return torch.bmm(v, attn.transpose(1, 2))  # (B, C, D)
+        return torch.bmm(v, attn.to(v.dtype))  # (B, C, D): V A, as the paper and the authors' code
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.attended(x)
@@ -261,8 +267,8 @@ class DALightResBlock(nn.Module):
 
     ``conv`` is a full ``3x3x3`` convolution or a :class:`SeparableConv3d` (both bias-free), ``N`` an
     :class:`IdentifierConditionedNorm` (or a plain affine ``GroupNorm`` when ``use_icn=False``), SE the channel
-    squeeze-and-excitation of Hu et al. (CVPR 2018; MONAI's ``ChannelSELayer``: avg-pool, Linear C->C/r, ReLU,
-    Linear C/r->C, sigmoid, multiply), CSA the optional :class:`CrossSliceAttention`, and
+    squeeze-and-excitation of Hu et al. (CVPR 2018; MONAI's ``ChannelSELayer``: avg-pool, Linear C->C/r, GELU (as
+    the authors' code), Linear C/r->C, sigmoid, multiply), CSA the optional :class:`CrossSliceAttention`, and
     ``proj = GroupNorm(conv_1x1x1(x))`` (bias-free conv, affine GroupNorm) when the widths differ, identity
     otherwise.
 
@@ -305,7 +311,7 @@ class DALightResBlock(nn.Module):
             self.norm1 = PlainGroupNorm(out_channels, num_groups)
             self.norm2 = PlainGroupNorm(out_channels, num_groups)
         self.act = nn.GELU()
-        self.se = ChannelSELayer(3, out_channels, r=se_reduction)
+        self.se = ChannelSELayer(3, out_channels, r=se_reduction, acti_type_1="gelu")
         self.csa: nn.Module = (
             CrossSliceAttention(out_channels, slice_axis=slice_axis) if use_csa else nn.Identity()
         )
@@ -327,59 +333,70 @@ class DALightResBlock(nn.Module):
 class ConcatFusion(nn.Module):
     """
     Plain U-Net skip fusion (used at the deepest decoder level of DALight-3D, Mishra et al.,
-    arXiv 2605.04518, and at every level when SSFB is switched off):
+    arXiv 2605.04518, at every level when SSFB is switched off, and as the last step of :class:`SSFB`):
 
     .. math::
 
         y = \\mathrm{GELU}(\\mathrm{GN}(\\mathrm{conv}_{3\\times3\\times3}([s, u])))
 
-    with ``s`` the encoder skip, ``u`` the upsampled decoder map, ``[.,.]`` channel concatenation (skip first,
-    as MONAI's ``UpCat``) and a bias-free convolution ``2C -> C``.
+    with ``s`` the encoder skip, ``u`` the upsampled decoder map, ``[.,.]`` channel concatenation and a bias-free
+    convolution ``2C -> C``. The authors' code puts the skip first in the plain fusion (``SimpleSkip``) and the
+    decoder map first inside SSFB (``[f_dec; m]``, as the paper's SSFB equation): ``decoder_first`` selects the
+    order.
 
     Args:
         channels: width ``C`` of both inputs and of the output.
         num_groups: groups of the group norm.
+        decoder_first: concatenate ``[u, s]`` instead of ``[s, u]``.
     """
 
-    def __init__(self, channels: int, num_groups: int = 8) -> None:
+    def __init__(self, channels: int, num_groups: int = 8, decoder_first: bool = False) -> None:
         super().__init__()
+        self.decoder_first = decoder_first
         self.conv = nn.Conv3d(2 * channels, channels, 3, padding=1, bias=False)
         self.norm = nn.GroupNorm(num_groups, channels)
         self.act = nn.GELU()
 
     def forward(self, decoder: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        return self.act(self.norm(self.conv(torch.cat([skip, decoder], dim=1))))
+        pair = [decoder, skip] if self.decoder_first else [skip, decoder]
+        return self.act(self.norm(self.conv(torch.cat(pair, dim=1))))
 
 
 class SSFB(nn.Module):
     """
-    Adaptive skip-fusion block (SSFB) of DALight-3D (Mishra et al., arXiv 2605.04518). The encoder skip ``s`` is
+    Skip and spatial feature blend (SSFB) of DALight-3D (Mishra et al., arXiv 2605.04518). The encoder skip ``s`` is
     refined by two branches conditioned on the upsampled decoder map ``u``, blended by a learned sigmoid weight,
-    then fused with ``u`` as in :class:`ConcatFusion`:
+    then fused with ``u`` as in :class:`ConcatFusion` (decoder map first). As the authors' release code (the
+    paper gives the equations at the level of ``W_out (V A)``; every detail below was checked against the
+    authors' outputs):
 
-    - low-rank attention branch (rank ``r``; linear-complexity "efficient attention" of Shen et al., WACV 2021,
-      queries from the decoder, keys and values from the skip, ``N`` = voxels)
+    - low-rank attention branch (rank ``r``, ``N`` = voxels, ``tau = r^{-1/2}``; queries from the decoder, keys
+      and values from the skip; no residual)
 
       .. math::
 
-          Q = \\mathrm{softmax}_{r}(W_q u),\\; K = \\mathrm{softmax}_{N}(W_k s) \\in \\mathbb{R}^{r \\times N},\\;
-          V = W_v s \\in \\mathbb{R}^{C \\times N},\\quad a = s + W_o (V K^\\top) Q
+          Q = \\mathrm{softmax}_{N}(\\tau W_q u),\\;
+          K = \\mathrm{softmax}_{r}(\\tau W_k s) \\in \\mathbb{R}^{r \\times N},\\;
+          V = W_v s \\in \\mathbb{R}^{C \\times N},\\quad a = W_o \\big((V K^\\top) Q\\big)
+
+      (the queries are normalised over the voxels and the keys over the rank: the reverse of Shen et al.'s
+      "efficient attention", WACV 2021, which it otherwise resembles)
 
     - channel gate (an MLP over the pooled decoder and skip features)
 
       .. math::
 
-          g = \\sigma(W_2\\,\\mathrm{ReLU}(W_1 [\\bar u, \\bar s] + b_1) + b_2),\\quad c = g \\odot s
+          g = \\sigma(W_2\\,\\mathrm{GELU}(W_1 [\\bar u, \\bar s] + b_1) + b_2),\\quad c = g \\odot s
 
     - blend and fuse
 
       .. math::
 
-          \\hat s = \\sigma(\\alpha)\\, a + (1 - \\sigma(\\alpha))\\, c,\\qquad
-          y = \\mathrm{GELU}(\\mathrm{GN}(\\mathrm{conv}_{3\\times3\\times3}([\\hat s, u])))
+          m = \\sigma(\\alpha)\\, a + (1 - \\sigma(\\alpha))\\, c,\\qquad
+          y = \\mathrm{GELU}(\\mathrm{GN}(\\mathrm{conv}_{3\\times3\\times3}([u, m])))
 
     ``W_q, W_k`` (C->r), ``W_v, W_o`` (C->C) are 1x1x1 convolutions with bias; the gate's hidden width is
-    ``max(C // gate_reduction, min_hidden)``; ``alpha`` is a scalar initialised to 0 (equal blend).
+    ``max(C // gate_reduction, min_hidden)``; ``alpha`` is a scalar initialised to 0.5 (as the authors).
 
     Args:
         channels: width ``C`` of the skip and decoder maps.
@@ -394,24 +411,23 @@ class SSFB(nn.Module):
     ) -> None:
         super().__init__()
         hidden = max(channels // gate_reduction, min_hidden)
+        self.scale = float(rank) ** -0.5
         self.query = nn.Conv3d(channels, rank, 1)
         self.key = nn.Conv3d(channels, rank, 1)
         self.value = nn.Conv3d(channels, channels, 1)
         self.out = nn.Conv3d(channels, channels, 1)
-        self.gate = nn.Sequential(
-            nn.Linear(2 * channels, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, channels), nn.Sigmoid()
-        )
-        self.blend = nn.Parameter(torch.zeros(1))
-        self.fuse = ConcatFusion(channels, num_groups)
+        self.gate = nn.Sequential(nn.Linear(2 * channels, hidden), nn.GELU(), nn.Linear(hidden, channels), nn.Sigmoid())
+        self.blend = nn.Parameter(torch.tensor([0.5]))
+        self.fuse = ConcatFusion(channels, num_groups, decoder_first=True)
 
     def attention(self, decoder: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         """Low-rank attention branch ``a`` (same shape as ``skip``)."""
-        q = torch.softmax(self.query(decoder).flatten(2), dim=1)  # (B, r, N), normalised over the rank
-        k = torch.softmax(self.key(skip).flatten(2), dim=2)  # (B, r, N), normalised over the voxels
+        q = torch.softmax(self.query(decoder).flatten(2).float() * self.scale, dim=2)  # (B, r, N), over the voxels
+        k = torch.softmax(self.key(skip).flatten(2).float() * self.scale, dim=1)  # (B, r, N), over the rank
         v = self.value(skip).flatten(2)  # (B, C, N)
         context = torch.bmm(v, k.transpose(1, 2).to(v.dtype))  # (B, C, r)
         att = torch.bmm(context, q.to(context.dtype)).view(skip.shape)  # (B, C, *spatial)
-        return skip + self.out(att)
+        return self.out(att)
 
     def channel_gate(self, decoder: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         """Channel gate ``g`` in (0, 1), shape ``(B, C)``."""

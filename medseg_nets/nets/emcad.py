@@ -155,7 +155,10 @@ class EMCADNet(nn.Module):
     the reference; other sizes also work (each EUCB resizes to its skip's size, the encoder rounds sizes up). In
     training mode it returns the list of the four head outputs ``[p4, p3, p2, p1]`` (deepest first, all
     ``(B, out_channels, H, W)``); in eval mode only ``p1`` (the shallowest head, the last produced) as a tensor.
-    The module scripts with ``torch.jit.script``.
+    :meth:`forward_heads` returns the four heads in either mode (the authors' ``forward(x, mode='test')``).
+    The module scripts with ``torch.jit.script``. With the authors' weights converted by
+    :mod:`medseg_nets.convert.emcad` (and their ``activation``), the four heads equal the authors' outputs
+    (``tests/test_convert_dalight3d_emcad.py``).
     """
 
     def __init__(
@@ -231,7 +234,7 @@ class EMCADNet(nn.Module):
         """Load an official PVTv2 ImageNet checkpoint (local file) into the encoder; see ``load_pvtv2_pretrained``."""
         return load_pvtv2_pretrained(self.encoder, path, strict=strict)
 
-    def forward(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
+    def _heads(self, x: torch.Tensor, all_heads: bool) -> List[torch.Tensor]:
         size = [x.shape[2], x.shape[3]]
         adapter = self.input_adapter
         if adapter is not None:
@@ -240,16 +243,25 @@ class EMCADNet(nn.Module):
         last = len(decoded) - 1
         logits: List[torch.Tensor] = []
         for i, head in enumerate(self.heads):
-            # In eval mode only the shallowest head (the inference output) is computed.
-            if self.training or i == last:
+            # Without all_heads only the shallowest head (the inference output) is computed.
+            if all_heads or i == last:
                 logits.append(
                     F.interpolate(
                         head(decoded[i]), size=size, mode=self.head_upsample_mode, align_corners=self.align_corners
                     )
                 )
+        return logits
+
+    @torch.jit.export
+    def forward_heads(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """The four head outputs ``[p4, p3, p2, p1]`` (deepest first, each at the input size) in either mode, as
+        the authors' ``forward(x, mode='test')`` returns them."""
+        return self._heads(x, True)
+
+    def forward(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
         if self.training:
-            return logits
-        return logits[-1]
+            return self._heads(x, True)
+        return self._heads(x, False)[-1]
 
 
 EMCAD = EMCADNet
