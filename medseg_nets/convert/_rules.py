@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -33,6 +33,8 @@ __all__ = [
     "error_list",
     "forward_key",
     "inverse_key",
+    "renamed",
+    "same_names",
 ]
 
 CONV = ("weight", "bias")  #: convolution or linear with bias
@@ -90,6 +92,21 @@ class Rule:
         if m is None or not names:
             return None
         return f"{self.authors.format(**m.groupdict())}.{names[0]}"
+
+
+Tensors = Union[Iterable[str], Mapping[str, Optional[str]]]
+
+
+def renamed(authors: str, ours: str, modules: Mapping[str, tuple[str, Tensors]]) -> list[Rule]:
+    """Rules for the modules under two prefixes: ``{authors}.{name}`` -> ``{ours}.{our_name}`` for each
+    ``name: (our_name, tensors)`` of ``modules``."""
+    return [Rule(f"{authors}.{name}", f"{ours}.{our}", tensors) for name, (our, tensors) in modules.items()]
+
+
+def same_names(authors: str, ours: str, modules: Mapping[str, Tensors]) -> list[Rule]:
+    """Rules for modules that keep their names under another prefix: ``{authors}.{name}`` -> ``{ours}.{name}``
+    for each ``name: tensors`` of ``modules``."""
+    return renamed(authors, ours, {name: (name, tensors) for name, tensors in modules.items()})
 
 
 def forward_key(key: str, rules: Iterable[Rule]) -> Optional[tuple[Rule, str, Optional[str]]]:

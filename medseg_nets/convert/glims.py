@@ -62,6 +62,8 @@ from medseg_nets.convert._rules import (
     check_against,
     forward_key,
     inverse_key,
+    renamed,
+    same_names,
 )
 
 __all__ = ["DROPPED", "RULES", "authors_keys", "convert", "import_notes", "map_key", "network_kwargs"]
@@ -70,6 +72,8 @@ __all__ = ["DROPPED", "RULES", "authors_keys", "convert", "import_notes", "map_k
 DROPPED = ""
 
 _DACB_BRANCHES = {"conv_3x3": "branches.0", "conv_3x3_dil": "branches.1", "conv_3x3_dil2": "branches.2"}
+#: a DACB branch (conv, GroupNorm, PReLU) -> ``Sequential`` indices
+_GROUPCONV = {"conv": ("0", CONV), "norm": ("1", NORM), "prelu": ("2", PRELU)}
 _DACB_POINTWISE = {"conv_1x1": "embed", "conv_1x1_2": "project"}
 #: the authors' Swin stages (``<stage>.layer``) -> ours; ``t4_post``'s blocks sit in ``swin_up.stage``
 _SWIN_STAGES = {
@@ -80,6 +84,25 @@ _SWIN_STAGES = {
     "t4_post": ("swin_up.stage", "swin_up"),  # (blocks, position embeddings)
 }
 _OUT_HEADS = {"out1": "out", "out2": "ds_heads.0", "out3": "ds_heads.1", "out4": "ds_heads.2"}
+#: a Swin block's modules (same names in both networks); the index buffer is derived, not loaded
+_SWIN_BLOCK = {
+    "norm1": NORM,
+    "attn": {"relative_position_bias_table": "relative_position_bias_table", "relative_position_index": DROP},
+    "attn.qkv": LINEAR,
+    "attn.proj": LINEAR,
+    "norm2": NORM,
+    "mlp.linear1": LINEAR,
+    "mlp.fn": PRELU,
+    "mlp.linear2": LINEAR,
+}
+#: CSAB ``csab{k}`` -> ``skip_attention.{k-1}``
+_CSAB = {
+    "ChannelGate.mlp.1": ("mlp.0", LINEAR),
+    "ChannelGate.mlp.3": ("mlp.2", LINEAR),
+    "SpatialGate.spatial.conv": ("spatial", CONV_NB),
+    "SpatialGate.spatial.norm": ("spatial_norm", NORM),
+    "SpatialGate.spatial.prelu": ("spatial_act", PRELU),
+}
 #: the release's Swin depths (``depths[0]`` is not built)
 _RELEASE_DEPTHS = (2, 2, 6, 2)
 
@@ -92,11 +115,7 @@ def _conv_adn(authors: str, ours: str) -> list[Rule]:
 def _dacb(authors: str, ours: str) -> list[Rule]:
     rules = []
     for name, branch in _DACB_BRANCHES.items():
-        rules += [
-            Rule(f"{authors}.{name}.conv", f"{ours}.{branch}.0", CONV),
-            Rule(f"{authors}.{name}.norm", f"{ours}.{branch}.1", NORM),
-            Rule(f"{authors}.{name}.prelu", f"{ours}.{branch}.2", PRELU),
-        ]
+        rules += renamed(f"{authors}.{name}", f"{ours}.{branch}", _GROUPCONV)
     for name, pointwise in _DACB_POINTWISE.items():
         rules += _conv_adn(f"{authors}.{name}", f"{ours}.{pointwise}")
     return rules + [
@@ -106,22 +125,9 @@ def _dacb(authors: str, ours: str) -> list[Rule]:
 
 
 def _swin_stage(authors: str, blocks: str, pos: str) -> list[Rule]:
-    a, o = f"{authors}.layer.blocks.{{j}}", f"{blocks}.blocks.{{j}}"
-    return [
-        Rule(f"{authors}.layer", f"{pos}.pos", ("position_embeddings",)),
-        Rule(f"{a}.norm1", f"{o}.norm1", NORM),
-        Rule(
-            f"{a}.attn",
-            f"{o}.attn",
-            {"relative_position_bias_table": "relative_position_bias_table", "relative_position_index": DROP},
-        ),
-        Rule(f"{a}.attn.qkv", f"{o}.attn.qkv", LINEAR),
-        Rule(f"{a}.attn.proj", f"{o}.attn.proj", LINEAR),
-        Rule(f"{a}.norm2", f"{o}.norm2", NORM),
-        Rule(f"{a}.mlp.linear1", f"{o}.mlp.linear1", LINEAR),
-        Rule(f"{a}.mlp.fn", f"{o}.mlp.fn", PRELU),
-        Rule(f"{a}.mlp.linear2", f"{o}.mlp.linear2", LINEAR),
-    ]
+    return [Rule(f"{authors}.layer", f"{pos}.pos", ("position_embeddings",))] + same_names(
+        f"{authors}.layer.blocks.{{j}}", f"{blocks}.blocks.{{j}}", _SWIN_BLOCK
+    )
 
 
 def _rules() -> list[Rule]:
@@ -144,14 +150,7 @@ def _rules() -> list[Rule]:
     ]
     rules += _conv_adn("t4_post.layer.conv1x1", "swin_up.fuse")
     for k in range(1, 6):
-        a, o = f"csab{k}", f"skip_attention.{k - 1}"
-        rules += [
-            Rule(f"{a}.ChannelGate.mlp.1", f"{o}.mlp.0", LINEAR),
-            Rule(f"{a}.ChannelGate.mlp.3", f"{o}.mlp.2", LINEAR),
-            Rule(f"{a}.SpatialGate.spatial.conv", f"{o}.spatial", CONV_NB),
-            Rule(f"{a}.SpatialGate.spatial.norm", f"{o}.spatial_norm", NORM),
-            Rule(f"{a}.SpatialGate.spatial.prelu", f"{o}.spatial_act", PRELU),
-        ]
+        rules += renamed(f"csab{k}", f"skip_attention.{k - 1}", _CSAB)
     return rules + [Rule(f"{head}.conv.conv", ours, CONV) for head, ours in _OUT_HEADS.items()]
 
 
@@ -206,7 +205,8 @@ def network_kwargs(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
 
     for index, stages in ((1, ("t3", "t3_up")), (2, ("t4_pre", "t4_post")), (3, ("t4",))):
         kwargs["depths"][index] = max(_RELEASE_DEPTHS[index], *(depth(s) for s in stages))
-    heads = [_shape(state_dict, f"{s}.layer.blocks.0.attn.relative_position_bias_table") for s in ("t3", "t4_pre", "t4")]
+    table_key = "{}.layer.blocks.0.attn.relative_position_bias_table"
+    heads = [_shape(state_dict, table_key.format(stage)) for stage in ("t3", "t4_pre", "t4")]
     if all(heads):
         kwargs["num_heads"] = [3] + [h[1] for h in heads]  # num_heads[0] is not built
     table = heads[0]
