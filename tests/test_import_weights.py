@@ -1,4 +1,4 @@
-"""tools/import_weights.py on copies of the dalight3d and emcad bundles (never the repository's bundles/), with
+"""tools/import_weights.py on copies of the dalight3d, emcad and glims bundles (never the repository's bundles/), with
 checkpoints in the authors' layout made from our networks' state dicts through the converters' own key maps."""
 
 from __future__ import annotations
@@ -14,9 +14,13 @@ import torch
 import import_weights
 from conftest import ROOT
 from medseg_nets.convert import convert_authors_state_dict
+from medseg_nets.blocks.glims import relative_position_index
 from medseg_nets.convert import dalight3d as conv_dalight
 from medseg_nets.convert import emcad as conv_emcad
+from medseg_nets.convert import glims as conv_glims
+from medseg_nets.convert._rules import inverse_key
 from medseg_nets.nets import DALight3D, EMCADNet
+from medseg_nets.nets.glims import GLIMS
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -31,7 +35,7 @@ def to_authors_layout(sd: dict, rules) -> dict:
     """Our state dict in the authors' key layout (the inverse of a converter's rules)."""
     out = {}
     for key, value in sd.items():
-        name = next((r.inverse(key) for r in rules if r.inverse(key) is not None), None)
+        name = inverse_key(key, rules)
         assert name is not None, key
         if name.endswith(".scanner_gamma+scanner_beta.weight"):  # DALight-3D ICN: one table -> two embeddings
             prefix, half = name[: -len(".scanner_gamma+scanner_beta.weight")], value.shape[1] // 2
@@ -151,3 +155,71 @@ def test_bad_checkpoints_fail_clearly(tmp_path, dalight_checkpoint, capsys, kind
                 "missing_file": "no such file"}[kind]
     assert expected in err
     assert tree_digest(root) == before
+
+
+def glims_checkpoint(path: Path, seed: int, feature_size: int) -> dict:
+    """A seeded ``GLIMS.authors_release`` saved as the authors' trainer saves it (``{"epoch", "best_acc",
+    "state_dict"}``, their names, their relative-position-index buffers); returns our state dict."""
+    torch.manual_seed(seed)
+    net = GLIMS.authors_release(4, 3, feature_size)
+    authors = to_authors_layout(net.state_dict(), conv_glims.RULES)
+    index = relative_position_index([7, 7, 7], [7, 7, 7], torch.device("cpu"))
+    for key in [k for k in authors if k.endswith(".attn.relative_position_bias_table")]:
+        authors[key.replace("bias_table", "index")] = index.clone()
+    torch.save({"epoch": 100, "best_acc": 0.9, "state_dict": authors}, path)
+    return net.state_dict()
+
+
+def test_glims_import_two_ensemble_members(tmp_path, capsys):
+    """Two authors' checkpoints (feature size 6) into a glims bundle copy set to that size: models/model.pt and,
+    with --model-file, models/model_2.pt (inference_authors.json's ckpt_path_2), both recorded."""
+    feature = 6
+    root = bundle_copy(tmp_path, "glims")
+    for config_name in ("inference.json", "inference_authors.json"):
+        config_file = root / "configs" / config_name
+        config = json.loads(config_file.read_text())
+        config["network_def"]["feature_size"] = feature
+        config_file.write_text(json.dumps(config, indent=4))
+    expected, shas = {}, {}
+    for file, seed in (("models/model.pt", 1), ("models/model_2.pt", 2)):
+        ckpt = tmp_path / f"fold{seed}_model.pt"
+        expected[file] = glims_checkpoint(ckpt, seed, feature)
+        argv = ["--bundle", "glims", "--from", "authors", str(ckpt), "--bundle-root", str(root)]
+        if file != "models/model.pt":
+            argv += ["--model-file", file]
+        assert import_weights.main(argv) == 0
+        out = capsys.readouterr().out
+        assert "finite" in out and "note: the weights compute the authors' network in GLIMS.authors_release" in out
+        shas[file] = hashlib.sha256((root / file).read_bytes()).hexdigest()
+        record = json.loads((root / "configs" / "metadata.json").read_text())["weights"][file]
+        assert record["sha256"] == shas[file] and record["converter"] == "medseg_nets.convert.glims"
+        assert record["source_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    large = (root / "large_files.yml").read_text()
+    card = (root / "docs" / "README.md").read_text()
+    for file, sha in shas.items():
+        assert f'- path: "{file}"' in large and f'hash_val: "{sha}"' in large
+        assert card.count(f"| `{file}` |") == 1 and sha in card
+    # both load strict into the authors' network and give finite outputs
+    for file, want in expected.items():
+        sd = torch.load(root / file, weights_only=True)
+        assert set(sd) == set(want) and all(torch.equal(sd[k], want[k]) for k in sd)
+        net = GLIMS.authors_release(4, 3, feature).eval()  # img_size 96: embeddings resampled for 32^3
+        net.load_state_dict(sd, strict=True)
+        with torch.no_grad():
+            assert torch.isfinite(net(torch.randn(1, 4, 32, 32, 32))).all()
+    # the card's ensemble: inference_authors.json with ckpt_path_2 builds a two-member ensemble of these files
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(root / "configs" / "inference.json"), str(root / "configs" / "inference_authors.json")])
+    parser.update({"bundle_root": str(root), "ckpt_path_2": str(root / "models" / "model_2.pt")})
+    ensemble = parser.get_parsed_content("ensemble")
+    assert ensemble.checkpoints == [str(root / f) for f in expected]
+
+
+def test_model_file_outside_models_refused(tmp_path, capsys):
+    root = bundle_copy(tmp_path, "glims")
+    with pytest.raises(SystemExit):
+        import_weights.main(["--bundle", "glims", "--from", "authors", str(tmp_path / "x.pt"), "--bundle-root",
+                             str(root), "--model-file", "../model.pt"])
+    assert "expected a .pt file under models/" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 
     python tools/import_weights.py --bundle dalight3d --from authors best_model.pth
     python tools/import_weights.py --bundle emcad --from authors best.pth --bundle-root /path/to/copy/of/emcad
+    python tools/import_weights.py --bundle glims --from authors fold4_model.pt --model-file models/model_2.pt
 
 Steps, all before anything is written:
   1. load the checkpoint (``torch.load(..., weights_only=True)``) and convert it with
@@ -13,12 +14,14 @@ Steps, all before anything is written:
   3. ``load_state_dict(strict=True)`` and one forward pass in eval mode on a small synthetic input with the bundle's
      channels and a spatial size allowed by metadata.json (``8*n`` -> 32): the output must be finite.
 Then (each file written atomically):
-  - ``<bundle>/models/model.pt``: the converted state dict;
-  - ``<bundle>/large_files.yml``: the Model Zoo entry for models/model.pt (path, url, sha256), the format
-    ``tools/package_bundle.py`` writes and accepts (packaging rewrites the url with ``--base-url``);
-  - ``configs/metadata.json``: a ``weights`` record for models/model.pt (source file, its sha256, the file's sha256,
-    converter, date, command);
-  - ``docs/README.md``: the row of the model card's weights table (between ``<!-- weights-table -->`` markers).
+  - ``<bundle>/models/model.pt`` (or the ``--model-file``, e.g. ``models/model_2.pt`` for a second ensemble member
+    such as glims' ``ckpt_path_2``): the converted state dict;
+  - ``configs/metadata.json``: a ``weights`` record for that file (source file, its sha256, the file's sha256, url,
+    converter, date, command); records of other files are kept;
+  - ``<bundle>/large_files.yml``: the Model Zoo entries (path, url, sha256) of every file with a ``weights`` record,
+    the format ``tools/package_bundle.py`` writes and accepts (packaging rewrites the urls with ``--base-url``);
+  - ``docs/README.md``: the file's row of the model card's weights table (between ``<!-- weights-table -->``
+    markers).
 Any failure: one message naming the file and what was expected, exit status 1, nothing written.
 """
 
@@ -35,11 +38,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # package_bundle, when imported from elsewhere
+
+from package_bundle import large_files_yml  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLES = ("glims", "emcad", "dalight3d")  # bundles whose network has a converter in medseg_nets.convert
 TABLE_BEGIN, TABLE_END = "<!-- weights-table -->", "<!-- /weights-table -->"
 TABLE_HEADER = (
-    "| file | source | source sha256 | model.pt sha256 | imported (UTC) | command |\n"
+    "| file | source | source sha256 | file sha256 | imported (UTC) | command |\n"
     "|---|---|---|---|---|---|\n"
 )
 
@@ -170,12 +177,20 @@ def prepare(bundle: str, checkpoint: Path, bundle_root: Path) -> tuple[bytes, st
     return buf.getvalue(), sha256_bytes(raw), summary
 
 
-def weights_table(readme: str, row: str) -> str:
-    """The model card with ``row`` as the models/model.pt row of its weights table (added when absent)."""
+def model_file(value: str) -> str:
+    """``--model-file``: a ``.pt`` file under the bundle's models/, as a relative POSIX path."""
+    path = Path(value)
+    if path.is_absolute() or ".." in path.parts or path.parts[:1] != ("models",) or path.suffix != ".pt":
+        raise argparse.ArgumentTypeError(f"{value!r}: expected a .pt file under models/, e.g. models/model_2.pt")
+    return path.as_posix()
+
+
+def weights_table(readme: str, row: str, file: str = "models/model.pt") -> str:
+    """The model card with ``row`` as the ``file`` row of its weights table (added when absent)."""
     if TABLE_BEGIN in readme and TABLE_END in readme:
         head, rest = readme.split(TABLE_BEGIN, 1)
         body, tail = rest.split(TABLE_END, 1)
-        rows = [r for r in body.strip().splitlines()[2:] if r.strip() and not r.startswith("| `models/model.pt`")]
+        rows = [r for r in body.strip().splitlines()[2:] if r.strip() and not r.startswith(f"| `{file}` |")]
         return head + TABLE_BEGIN + "\n" + TABLE_HEADER + "".join(r + "\n" for r in rows + [row]) + TABLE_END + tail
     section = f"\n## Weights\n{TABLE_BEGIN}\n{TABLE_HEADER}{row}\n{TABLE_END}\n"
     return readme.rstrip("\n") + "\n" + section
@@ -188,8 +203,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="where the checkpoint comes from (the authors' own training code)")
     ap.add_argument("checkpoint", type=Path)
     ap.add_argument("--bundle-root", type=Path, default=None, help="bundle folder (default bundles/<bundle>)")
+    ap.add_argument("--model-file", type=model_file, default="models/model.pt",
+                    help="where the converted weights go, under the bundle's models/ (default models/model.pt; "
+                         "e.g. models/model_2.pt for glims' second ensemble member, ckpt_path_2)")
     ap.add_argument("--url", default=None,
-                    help="url for large_files.yml (default: the file:// url of models/model.pt; "
+                    help="url for large_files.yml (default: the file:// url of the model file; "
                          "tools/package_bundle.py --base-url sets the published one)")
     args = ap.parse_args(argv)
     bundle_root = (args.bundle_root or ROOT / "bundles" / args.bundle).resolve()
@@ -205,29 +223,31 @@ def main(argv: list[str] | None = None) -> int:
     now = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0)
     given = argv if argv is not None else sys.argv[1:]
     command = "python tools/import_weights.py " + " ".join(shlex.quote(a) for a in given)
-    model_path = bundle_root / "models" / "model.pt"
+    model_path = bundle_root / args.model_file
     model_sha = sha256_bytes(model_bytes)
     meta_file = bundle_root / "configs" / "metadata.json"
     readme_file = bundle_root / "docs" / "README.md"
     meta = json.loads(meta_file.read_text())
-    meta.setdefault("weights", {})["models/model.pt"] = {
+    records = meta.setdefault("weights", {})
+    records[args.model_file] = {
         "source": f"{args.source}: {checkpoint.name}",
         "source_sha256": source_sha,
         "sha256": model_sha,
+        "url": args.url or model_path.as_uri(),
         "converter": f"medseg_nets.convert.{args.bundle}",
         "date": now.isoformat(),
         "command": command,
     }
-    url = args.url or model_path.as_uri()
-    large = (
-        "large_files:\n"
-        f'  - path: "models/model.pt"\n    url: {json.dumps(url)}\n'
-        f'    hash_val: "{model_sha}"\n    hash_type: "sha256"\n'
-    )
-    row = (f"| `models/model.pt` | authors' checkpoint `{checkpoint.name}` (converted by "
+    large = large_files_yml([
+        {"path": file, "url": rec.get("url") or (bundle_root / file).as_uri(), "hash_val": rec["sha256"],
+         "hash_type": "sha256"}
+        for file, rec in sorted(records.items())
+        if file == args.model_file or (bundle_root / file).is_file()
+    ])
+    row = (f"| `{args.model_file}` | authors' checkpoint `{checkpoint.name}` (converted by "
            f"`medseg_nets.convert.{args.bundle}`) | `{source_sha}` | `{model_sha}` | {now:%Y-%m-%d %H:%M} | "
            f"`{command}` |")
-    readme = weights_table(readme_file.read_text() if readme_file.is_file() else "", row)
+    readme = weights_table(readme_file.read_text() if readme_file.is_file() else "", row, args.model_file)
 
     atomic_write(model_path, lambda tmp: Path(tmp).write_bytes(model_bytes))
     atomic_write_text(bundle_root / "large_files.yml", large)

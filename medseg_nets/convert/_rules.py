@@ -4,27 +4,48 @@ A :class:`Rule` maps one module of the authors' network to one module of ours: a
 path, a template of ours (both with ``{name}`` placeholders that match decimal indices) and the exact tensor names
 that module may hold (``weight``, ``bias``, BatchNorm buffers, ...). A key no rule matches, or a tensor name a
 rule does not list, is an :class:`AuthorsCheckpointError` naming the key; so is a key of our network that the
-checkpoint does not provide (:func:`check_against`), named both ways.
+checkpoint does not provide (:func:`check_against`), named both ways. A tensor name mapped to :data:`DROP` is known
+and deliberately not loaded (e.g. a buffer our network derives itself).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn as nn
 
 from medseg_nets.convert import AuthorsCheckpointError
 
-__all__ = ["CONV", "CONV_NB", "NORM", "BN", "LINEAR", "Rule", "apply_rules", "check_against", "error_list"]
+__all__ = [
+    "BN",
+    "CONV",
+    "CONV_NB",
+    "DROP",
+    "LINEAR",
+    "NORM",
+    "PRELU",
+    "Rule",
+    "apply_rules",
+    "check_against",
+    "error_list",
+    "forward_key",
+    "inverse_key",
+    "renamed",
+    "same_names",
+]
 
 CONV = ("weight", "bias")  #: convolution or linear with bias
 CONV_NB = ("weight",)  #: convolution without bias
 NORM = ("weight", "bias")  #: affine GroupNorm / LayerNorm
 BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")  #: BatchNorm with its buffers
 LINEAR = CONV
+PRELU = ("weight",)  #: PReLU
+
+#: target of a tensor name whose key is known and deliberately not loaded (a derived buffer)
+DROP = None
 
 
 def _pattern(template: str) -> re.Pattern:
@@ -35,7 +56,7 @@ def _pattern(template: str) -> re.Pattern:
 
 class Rule:
     """``authors`` module path -> ``ours`` module path, for the tensor names in ``tensors`` (a list of names kept
-    as they are, or a mapping from the authors' tensor name to ours).
+    as they are, or a mapping from the authors' tensor name to ours, or to :data:`DROP` for a key not loaded).
 
     ``transform(name, tensor)`` may change a tensor's layout (e.g. a 0-d scalar to shape ``(1,)``).
     """
@@ -44,7 +65,7 @@ class Rule:
         self,
         authors: str,
         ours: str,
-        tensors: Iterable[str] | Mapping[str, str],
+        tensors: Iterable[str] | Mapping[str, Optional[str]],
         transform: Optional[Callable[[str, torch.Tensor], torch.Tensor]] = None,
     ) -> None:
         self.authors, self.ours = authors, ours
@@ -54,8 +75,9 @@ class Rule:
         self._authors_re = _pattern(authors)
         self._ours_re = _pattern(ours)
 
-    def forward(self, key: str) -> Optional[tuple[str, str]]:
-        """``(our module path, tensor name)`` for an authors' key this rule covers, else None."""
+    def forward(self, key: str) -> Optional[tuple[str, Optional[str]]]:
+        """``(our module path, tensor name)`` for an authors' key this rule covers (tensor name :data:`DROP` for a
+        key that is dropped), else None."""
         module, _, tensor = key.rpartition(".")
         m = self._authors_re.fullmatch(module)
         if m is None or tensor not in self.tensors:
@@ -66,10 +88,43 @@ class Rule:
         """The authors' key that maps to our ``key``, or None."""
         module, _, tensor = key.rpartition(".")
         m = self._ours_re.fullmatch(module)
-        names = [a for a, o in self.tensors.items() if o == tensor]
+        names = [a for a, o in self.tensors.items() if o is not DROP and o == tensor]
         if m is None or not names:
             return None
         return f"{self.authors.format(**m.groupdict())}.{names[0]}"
+
+
+Tensors = Union[Iterable[str], Mapping[str, Optional[str]]]
+
+
+def renamed(authors: str, ours: str, modules: Mapping[str, tuple[str, Tensors]]) -> list[Rule]:
+    """Rules for the modules under two prefixes: ``{authors}.{name}`` -> ``{ours}.{our_name}`` for each
+    ``name: (our_name, tensors)`` of ``modules``."""
+    return [Rule(f"{authors}.{name}", f"{ours}.{our}", tensors) for name, (our, tensors) in modules.items()]
+
+
+def same_names(authors: str, ours: str, modules: Mapping[str, Tensors]) -> list[Rule]:
+    """Rules for modules that keep their names under another prefix: ``{authors}.{name}`` -> ``{ours}.{name}``
+    for each ``name: tensors`` of ``modules``."""
+    return renamed(authors, ours, {name: (name, tensors) for name, tensors in modules.items()})
+
+
+def forward_key(key: str, rules: Iterable[Rule]) -> Optional[tuple[Rule, str, Optional[str]]]:
+    """``(rule, our module path, tensor name)`` from the first of ``rules`` that covers the authors' ``key``."""
+    for rule in rules:
+        hit = rule.forward(key)
+        if hit is not None:
+            return (rule, *hit)
+    return None
+
+
+def inverse_key(key: str, rules: Iterable[Rule]) -> Optional[str]:
+    """The authors' key that the first fitting rule of ``rules`` maps to our ``key``, or None."""
+    for rule in rules:
+        name = rule.inverse(key)
+        if name is not None:
+            return name
+    return None
 
 
 def error_list(keys: Iterable[str], limit: int = 12) -> str:
@@ -84,7 +139,8 @@ def apply_rules(
     network: str,
     hints: Optional[Mapping[str, str]] = None,
 ) -> dict[str, torch.Tensor]:
-    """Map every key of ``state_dict`` through the first rule that covers it; unknown keys raise.
+    """Map every key of ``state_dict`` through the first rule that covers it; unknown keys raise, dropped keys
+    (:data:`DROP`) are left out.
 
     ``hints`` maps a regular expression of authors' keys to an explanation appended to the error (e.g. a
     variant of the authors' network that has no counterpart here).
@@ -93,17 +149,17 @@ def apply_rules(
     out: dict[str, torch.Tensor] = {}
     unknown = []
     for key, value in state_dict.items():
-        for rule in rules:
-            hit = rule.forward(key)
-            if hit is not None:
-                module, tensor = hit
-                new_key = f"{module}.{tensor}"
-                if new_key in out:
-                    raise AuthorsCheckpointError(f"two keys of the checkpoint map to {new_key!r} (one is {key!r})")
-                out[new_key] = rule.transform(tensor, value) if rule.transform else value
-                break
-        else:
+        hit = forward_key(key, rules)
+        if hit is None:
             unknown.append(key)
+            continue
+        rule, module, tensor = hit
+        if tensor is DROP:
+            continue
+        new_key = f"{module}.{tensor}"
+        if new_key in out:
+            raise AuthorsCheckpointError(f"two keys of the checkpoint map to {new_key!r} (one is {key!r})")
+        out[new_key] = rule.transform(tensor, value) if rule.transform else value
     if unknown:
         notes = sorted({note for pattern, note in (hints or {}).items() for k in unknown if re.search(pattern, k)})
         raise AuthorsCheckpointError(
@@ -122,16 +178,13 @@ def check_against(
     own = model.state_dict()
 
     def authors_name(key: str) -> str:
-        for rule in rules:
-            name = rule.inverse(key)
-            if name is not None:
-                return f"{key!r} (authors' {name!r})"
-        return repr(key)
+        name = inverse_key(key, rules)
+        return repr(key) if name is None else f"{key!r} (authors' {name!r})"
 
     missing = [k for k in own if k not in converted]
     if missing:
         raise AuthorsCheckpointError(
-            f"the {network} checkpoint lacks key(s) our network needs: "
+            f"the {network} checkpoint lacks {len(missing)} parameter(s)/buffer(s) our network needs: "
             + ", ".join(authors_name(k) for k in missing[:12])
             + (f" and {len(missing) - 12} more" if len(missing) > 12 else "")
         )

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from medseg_nets.convert import AuthorsCheckpointError
-from medseg_nets.convert._rules import CONV, CONV_NB, LINEAR, NORM, Rule, apply_rules, check_against
+from medseg_nets.convert._rules import CONV, CONV_NB, LINEAR, NORM, Rule, apply_rules, check_against, renamed
 
 __all__ = ["RULES", "convert", "import_notes", "network_kwargs"]
 
@@ -62,15 +62,18 @@ def _block_rules(authors: str, ours: str) -> list[Rule]:
             Rule(f"{authors}.norm{n}.{_ICN_PAIR}", f"{ours}.norm{n}.embedding", ("weight",)),
             Rule(f"{authors}.norm{n}", f"{ours}.norm{n}.norm", NORM),  # plain GroupNorm (use_scanner_norm=False)
         ]
-    rules += [
-        Rule(f"{authors}.se.fc.{{fc}}", f"{ours}.se.fc.{{fc}}", LINEAR),
-        Rule(f"{authors}.attention.query", f"{ours}.csa.query", CONV),
-        Rule(f"{authors}.attention.key", f"{ours}.csa.key", CONV),
-        Rule(f"{authors}.attention.value", f"{ours}.csa.value", CONV),
-        Rule(f"{authors}.skip.0", f"{ours}.proj.0", CONV_NB),
-        Rule(f"{authors}.skip.1", f"{ours}.proj.1", NORM),
-    ]
-    return rules
+    return rules + renamed(
+        authors,
+        ours,
+        {
+            "se.fc.{fc}": ("se.fc.{fc}", LINEAR),
+            "attention.query": ("csa.query", CONV),
+            "attention.key": ("csa.key", CONV),
+            "attention.value": ("csa.value", CONV),
+            "skip.0": ("proj.0", CONV_NB),
+            "skip.1": ("proj.1", NORM),
+        },
+    )
 
 
 #: the key map, authors' module -> ours

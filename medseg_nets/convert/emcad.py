@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from medseg_nets.convert import AuthorsCheckpointError
-from medseg_nets.convert._rules import BN, CONV, CONV_NB, NORM, Rule, apply_rules, check_against
+from medseg_nets.convert._rules import BN, CONV, CONV_NB, NORM, Rule, apply_rules, check_against, same_names
 
 __all__ = ["RULES", "convert", "import_notes", "network_kwargs"]
 
@@ -48,20 +48,6 @@ __all__ = ["RULES", "convert", "import_notes", "network_kwargs"]
 RULES: list[Rule] = [
     Rule("conv.0", "input_adapter.0", CONV),
     Rule("conv.1", "input_adapter.1", BN),
-    # PVTv2 encoder: same names under another prefix
-    Rule("backbone.patch_embed{n}.proj", "encoder.patch_embed{n}.proj", CONV),
-    Rule("backbone.patch_embed{n}.norm", "encoder.patch_embed{n}.norm", NORM),
-    Rule("backbone.block{n}.{j}.norm1", "encoder.block{n}.{j}.norm1", NORM),
-    Rule("backbone.block{n}.{j}.norm2", "encoder.block{n}.{j}.norm2", NORM),
-    Rule("backbone.block{n}.{j}.attn.q", "encoder.block{n}.{j}.attn.q", CONV),
-    Rule("backbone.block{n}.{j}.attn.kv", "encoder.block{n}.{j}.attn.kv", CONV),
-    Rule("backbone.block{n}.{j}.attn.proj", "encoder.block{n}.{j}.attn.proj", CONV),
-    Rule("backbone.block{n}.{j}.attn.sr", "encoder.block{n}.{j}.attn.sr", CONV),
-    Rule("backbone.block{n}.{j}.attn.norm", "encoder.block{n}.{j}.attn.norm", NORM),
-    Rule("backbone.block{n}.{j}.mlp.fc1", "encoder.block{n}.{j}.mlp.fc1", CONV),
-    Rule("backbone.block{n}.{j}.mlp.dwconv.dwconv", "encoder.block{n}.{j}.mlp.dwconv.dwconv", CONV),
-    Rule("backbone.block{n}.{j}.mlp.fc2", "encoder.block{n}.{j}.mlp.fc2", CONV),
-    Rule("backbone.norm{n}", "encoder.norm{n}", NORM),
     # decoder
     Rule("decoder.cab{n}.fc1", "decoder.mscam{n}.cab.fc1", CONV_NB),
     Rule("decoder.cab{n}.fc2", "decoder.mscam{n}.cab.fc2", CONV_NB),
@@ -83,6 +69,26 @@ RULES: list[Rule] = [
     Rule("decoder.lgag{n}.psi.1", "decoder.lgag{n}.psi.1", BN),
     # heads, deepest first in ours
 ] + [Rule(f"out_head{n}", f"heads.{4 - n}", CONV) for n in (4, 3, 2, 1)]
+# PVTv2 encoder: same names under another prefix
+RULES += same_names(
+    "backbone",
+    "encoder",
+    {
+        "patch_embed{n}.proj": CONV,
+        "patch_embed{n}.norm": NORM,
+        "block{n}.{j}.norm1": NORM,
+        "block{n}.{j}.norm2": NORM,
+        "block{n}.{j}.attn.q": CONV,
+        "block{n}.{j}.attn.kv": CONV,
+        "block{n}.{j}.attn.proj": CONV,
+        "block{n}.{j}.attn.sr": CONV,
+        "block{n}.{j}.attn.norm": NORM,
+        "block{n}.{j}.mlp.fc1": CONV,
+        "block{n}.{j}.mlp.dwconv.dwconv": CONV,
+        "block{n}.{j}.mlp.fc2": CONV,
+        "norm{n}": NORM,
+    },
+)
 
 _HINTS = {
     r"^backbone\.(layer\d|conv1|bn1|fc)\b": "a ResNet encoder; only the PVTv2 encoders have a counterpart here",

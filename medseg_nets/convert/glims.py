@@ -29,7 +29,13 @@ DACB ``prelu2`` / ``prelu`` (unused there)              ``act`` / ``spare_act``
 
 Swin blocks keep their names (``norm1``, ``attn.qkv``, ``attn.proj``, ``attn.relative_position_bias_table``,
 ``norm2``, ``mlp.linear1``, ``mlp.fn``, ``mlp.linear2``). The authors' ``attn.relative_position_index`` buffers
-are derived from the window size (our network computes the index in its forward) and are dropped.
+are derived from the window size (our network computes the index in its forward) and are dropped (:data:`DROP`
+rules of :data:`RULES`).
+
+The checkpoint is checked against ``GLIMS.authors_release(**network_kwargs(state_dict))`` built on the meta device:
+widths, Swin depths and heads, window and position-embedding sizes are read from the checkpoint (Swin depths at
+least the release's 2, 6, 2, so that a checkpoint missing whole blocks is reported); a missing, extra or mis-shaped
+key is an error naming it in our and in the authors' names.
 
 The converted weights reproduce the authors' network when loaded into ``GLIMS.authors_release(...)`` (see
 :meth:`medseg_nets.nets.GLIMS.authors_release`).
@@ -39,191 +45,211 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from typing import Any, Optional
 
 import torch
 
 from medseg_nets.convert import AuthorsCheckpointError
-
-__all__ = ["convert", "map_key", "authors_keys", "DROPPED"]
-
-_DACB_BRANCH = {"conv_3x3": "0", "conv_3x3_dil": "1", "conv_3x3_dil2": "2"}
-_DACB_POINTWISE = {"conv_1x1": "embed", "conv_1x1_2": "project"}
-_CONV_ADN = {"conv.weight": "0.weight", "conv.bias": "0.bias", "adn.A.weight": "2.weight"}
-_GROUPCONV = {
-    "conv.weight": "0.weight",
-    "conv.bias": "0.bias",
-    "norm.weight": "1.weight",
-    "norm.bias": "1.bias",
-    "prelu.weight": "2.weight",
-}
-_SWIN_STAGES = {"t3": "swin_enc1", "t4_pre": "swin_enc2", "t4": "swin_bottleneck", "t3_up": "swin_dec"}
-_SWIN_BLOCK_PARAMS = (
-    "norm1.weight",
-    "norm1.bias",
-    "attn.relative_position_bias_table",
-    "attn.qkv.weight",
-    "attn.qkv.bias",
-    "attn.proj.weight",
-    "attn.proj.bias",
-    "norm2.weight",
-    "norm2.bias",
-    "mlp.linear1.weight",
-    "mlp.linear1.bias",
-    "mlp.fn.weight",
-    "mlp.linear2.weight",
-    "mlp.linear2.bias",
+from medseg_nets.convert._rules import (
+    CONV,
+    CONV_NB,
+    DROP,
+    LINEAR,
+    NORM,
+    PRELU,
+    Rule,
+    apply_rules,
+    check_against,
+    forward_key,
+    inverse_key,
+    renamed,
+    same_names,
 )
-_CSAB = {
-    "ChannelGate.mlp.1.weight": "mlp.0.weight",
-    "ChannelGate.mlp.1.bias": "mlp.0.bias",
-    "ChannelGate.mlp.3.weight": "mlp.2.weight",
-    "ChannelGate.mlp.3.bias": "mlp.2.bias",
-    "SpatialGate.spatial.conv.weight": "spatial.weight",
-    "SpatialGate.spatial.norm.weight": "spatial_norm.weight",
-    "SpatialGate.spatial.norm.bias": "spatial_norm.bias",
-    "SpatialGate.spatial.prelu.weight": "spatial_act.weight",
-}
-_OUT_HEADS = {"out1": "out", "out2": "ds_heads.0", "out3": "ds_heads.1", "out4": "ds_heads.2"}
 
-#: marker returned by :func:`map_key` for a key that is known and deliberately dropped
+__all__ = ["DROPPED", "RULES", "authors_keys", "convert", "import_notes", "map_key", "network_kwargs"]
+
+#: what :func:`map_key` returns for a key that is known and deliberately dropped
 DROPPED = ""
 
+_DACB_BRANCHES = {"conv_3x3": "branches.0", "conv_3x3_dil": "branches.1", "conv_3x3_dil2": "branches.2"}
+#: a DACB branch (conv, GroupNorm, PReLU) -> ``Sequential`` indices
+_GROUPCONV = {"conv": ("0", CONV), "norm": ("1", NORM), "prelu": ("2", PRELU)}
+_DACB_POINTWISE = {"conv_1x1": "embed", "conv_1x1_2": "project"}
+#: the authors' Swin stages (``<stage>.layer``) -> ours; ``t4_post``'s blocks sit in ``swin_up.stage``
+_SWIN_STAGES = {
+    "t3": ("swin_enc1", "swin_enc1"),
+    "t4_pre": ("swin_enc2", "swin_enc2"),
+    "t4": ("swin_bottleneck", "swin_bottleneck"),
+    "t3_up": ("swin_dec", "swin_dec"),
+    "t4_post": ("swin_up.stage", "swin_up"),  # (blocks, position embeddings)
+}
+_OUT_HEADS = {"out1": "out", "out2": "ds_heads.0", "out3": "ds_heads.1", "out4": "ds_heads.2"}
+#: a Swin block's modules (same names in both networks); the index buffer is derived, not loaded
+_SWIN_BLOCK = {
+    "norm1": NORM,
+    "attn": {"relative_position_bias_table": "relative_position_bias_table", "relative_position_index": DROP},
+    "attn.qkv": LINEAR,
+    "attn.proj": LINEAR,
+    "norm2": NORM,
+    "mlp.linear1": LINEAR,
+    "mlp.fn": PRELU,
+    "mlp.linear2": LINEAR,
+}
+#: CSAB ``csab{k}`` -> ``skip_attention.{k-1}``
+_CSAB = {
+    "ChannelGate.mlp.1": ("mlp.0", LINEAR),
+    "ChannelGate.mlp.3": ("mlp.2", LINEAR),
+    "SpatialGate.spatial.conv": ("spatial", CONV_NB),
+    "SpatialGate.spatial.norm": ("spatial_norm", NORM),
+    "SpatialGate.spatial.prelu": ("spatial_act", PRELU),
+}
+#: the release's Swin depths (``depths[0]`` is not built)
+_RELEASE_DEPTHS = (2, 2, 6, 2)
 
-def _map_dacb(rest: str) -> str | None:
-    m = re.fullmatch(r"(conv_3x3|conv_3x3_dil|conv_3x3_dil2)\.(.+)", rest)
-    if m and m.group(2) in _GROUPCONV:
-        return f"branches.{_DACB_BRANCH[m.group(1)]}.{_GROUPCONV[m.group(2)]}"
-    m = re.fullmatch(r"(conv_1x1|conv_1x1_2)\.(.+)", rest)
-    if m and m.group(2) in _CONV_ADN:
-        return f"{_DACB_POINTWISE[m.group(1)]}.{_CONV_ADN[m.group(2)]}"
-    return {"prelu2.weight": "act.weight", "prelu.weight": "spare_act.weight"}.get(rest)
+
+def _conv_adn(authors: str, ours: str) -> list[Rule]:
+    """MONAI ``Convolution`` with a PReLU ``adn`` -> ``Sequential(conv, norm, prelu)`` at ``0`` / ``2``."""
+    return [Rule(f"{authors}.conv", f"{ours}.0", CONV), Rule(f"{authors}.adn.A", f"{ours}.2", PRELU)]
 
 
-def _map_swin_block(rest: str) -> str | None:
-    m = re.fullmatch(r"blocks\.(\d+)\.(.+)", rest)
-    if m is None:
-        return None
-    if m.group(2) == "attn.relative_position_index":
-        return DROPPED
-    return f"blocks.{m.group(1)}.{m.group(2)}" if m.group(2) in _SWIN_BLOCK_PARAMS else None
+def _dacb(authors: str, ours: str) -> list[Rule]:
+    rules = []
+    for name, branch in _DACB_BRANCHES.items():
+        rules += renamed(f"{authors}.{name}", f"{ours}.{branch}", _GROUPCONV)
+    for name, pointwise in _DACB_POINTWISE.items():
+        rules += _conv_adn(f"{authors}.{name}", f"{ours}.{pointwise}")
+    return rules + [
+        Rule(f"{authors}.prelu2", f"{ours}.act", PRELU),
+        Rule(f"{authors}.prelu", f"{ours}.spare_act", PRELU),  # built but unused by the authors
+    ]
 
 
-def map_key(key: str) -> str | None:
+def _swin_stage(authors: str, blocks: str, pos: str) -> list[Rule]:
+    return [Rule(f"{authors}.layer", f"{pos}.pos", ("position_embeddings",))] + same_names(
+        f"{authors}.layer.blocks.{{j}}", f"{blocks}.blocks.{{j}}", _SWIN_BLOCK
+    )
+
+
+def _rules() -> list[Rule]:
+    rules = _conv_adn("stem", "stem")
+    for i in range(1, 5):
+        enc, dec = f"encoders.{i - 1}", f"decoders.{4 - i}"
+        for level in ("1", "2"):
+            rules += _dacb(f"dmsf_{i}.l{level}", f"{enc}.dacb{level}")
+            rules += _dacb(f"dmsu_{i}.l{level}", f"{dec}.dacb{level}")
+        rules += _conv_adn(f"dmsf_{i}.ds.conv_3x3", f"{enc}.down")
+        rules += _conv_adn(f"dmsu_{i}.up.convT", f"{dec}.up")
+        rules += _conv_adn(f"dmsu_{i}.conv1x1", f"{dec}.fuse")
+    for authors, (blocks, pos) in _SWIN_STAGES.items():
+        rules += _swin_stage(authors, blocks, pos)
+    rules += [
+        Rule("t4_pre.layer.downsample.norm", "merge.norm", NORM),
+        Rule("t4_pre.layer.downsample.reduction", "merge.reduction", CONV_NB),
+        Rule("t4_post.layer.upsample.expand", "swin_up.upsample.expand", CONV_NB),
+        Rule("t4_post.layer.upsample.norm_layer", "swin_up.upsample.norm", NORM),
+    ]
+    rules += _conv_adn("t4_post.layer.conv1x1", "swin_up.fuse")
+    for k in range(1, 6):
+        rules += renamed(f"csab{k}", f"skip_attention.{k - 1}", _CSAB)
+    return rules + [Rule(f"{head}.conv.conv", ours, CONV) for head, ours in _OUT_HEADS.items()]
+
+
+#: the key map, authors' module -> ours
+RULES: list[Rule] = _rules()
+
+
+def map_key(key: str) -> Optional[str]:
     """Our name for the authors' state-dict ``key``; :data:`DROPPED` (``""``) for a derived buffer that is not
     loaded; ``None`` for a key that is not part of the authors' GLIMS."""
-    if key.startswith("stem."):
-        return "stem." + _CONV_ADN[key[5:]] if key[5:] in _CONV_ADN else None
-    m = re.fullmatch(r"dmsf_([1-4])\.(l1|l2|ds)\.(.+)", key)
-    if m:
-        stage, part, rest = int(m.group(1)) - 1, m.group(2), m.group(3)
-        if part == "ds":
-            sub = rest[len("conv_3x3.") :] if rest.startswith("conv_3x3.") else None
-            return f"encoders.{stage}.down.{_CONV_ADN[sub]}" if sub in _CONV_ADN else None
-        mapped = _map_dacb(rest)
-        return f"encoders.{stage}.dacb{part[1]}.{mapped}" if mapped else None
-    m = re.fullmatch(r"dmsu_([1-4])\.(l1|l2|up\.convT|conv1x1)\.(.+)", key)
-    if m:
-        stage, part, rest = 4 - int(m.group(1)), m.group(2), m.group(3)
-        if part in ("up.convT", "conv1x1"):
-            name = "up" if part == "up.convT" else "fuse"
-            return f"decoders.{stage}.{name}.{_CONV_ADN[rest]}" if rest in _CONV_ADN else None
-        mapped = _map_dacb(rest)
-        return f"decoders.{stage}.dacb{part[1]}.{mapped}" if mapped else None
-    m = re.fullmatch(r"(t3|t4_pre|t4|t3_up)\.layer\.(.+)", key)
-    if m:
-        ours, rest = _SWIN_STAGES[m.group(1)], m.group(2)
-        if rest == "position_embeddings":
-            return f"{ours}.pos.position_embeddings"
-        if m.group(1) == "t4_pre" and rest in ("downsample.norm.weight", "downsample.norm.bias"):
-            return "merge." + rest[len("downsample.") :]
-        if m.group(1) == "t4_pre" and rest == "downsample.reduction.weight":
-            return "merge.reduction.weight"
-        mapped = _map_swin_block(rest)
-        return mapped if mapped in (None, DROPPED) else f"{ours}.{mapped}"
-    if key.startswith("t4_post.layer."):
-        rest = key[len("t4_post.layer.") :]
-        fixed = {
-            "position_embeddings": "swin_up.pos.position_embeddings",
-            "upsample.expand.weight": "swin_up.upsample.expand.weight",
-            "upsample.norm_layer.weight": "swin_up.upsample.norm.weight",
-            "upsample.norm_layer.bias": "swin_up.upsample.norm.bias",
-        }
-        if rest in fixed:
-            return fixed[rest]
-        if rest.startswith("conv1x1."):
-            sub = rest[len("conv1x1.") :]
-            return f"swin_up.fuse.{_CONV_ADN[sub]}" if sub in _CONV_ADN else None
-        mapped = _map_swin_block(rest)
-        return mapped if mapped in (None, DROPPED) else f"swin_up.stage.{mapped}"
-    m = re.fullmatch(r"csab([1-5])\.(.+)", key)
-    if m:
-        return f"skip_attention.{int(m.group(1)) - 1}.{_CSAB[m.group(2)]}" if m.group(2) in _CSAB else None
-    m = re.fullmatch(r"(out[1-4])\.conv\.conv\.(weight|bias)", key)
-    if m:
-        return f"{_OUT_HEADS[m.group(1)]}.{m.group(2)}"
-    return None
+    hit = forward_key(key, RULES)
+    if hit is None:
+        return None
+    _, module, tensor = hit
+    return DROPPED if tensor is DROP else f"{module}.{tensor}"
 
 
-def authors_keys(depths: tuple[int, ...] = (2, 2, 6, 2)) -> list[str]:
+def authors_keys(depths: tuple[int, ...] = _RELEASE_DEPTHS) -> list[str]:
     """The authors' parameter names for Swin ``depths`` (their ``relative_position_index`` buffers excluded): what a
-    checkpoint of the release must hold; used to report what a checkpoint lacks."""
-    keys = ["stem." + k for k in _CONV_ADN]
-    dacb = [f"{b}.{p}" for b in _DACB_BRANCH for p in _GROUPCONV]
-    dacb += [f"{c}.{p}" for c in _DACB_POINTWISE for p in _CONV_ADN] + ["prelu.weight", "prelu2.weight"]
-    for i in range(1, 5):
-        keys += [f"dmsf_{i}.{lv}.{p}" for lv in ("l1", "l2") for p in dacb]
-        keys += [f"dmsf_{i}.ds.conv_3x3.{p}" for p in _CONV_ADN]
-        keys += [f"dmsu_{i}.{lv}.{p}" for lv in ("l1", "l2") for p in dacb]
-        keys += [f"dmsu_{i}.up.convT.{p}" for p in _CONV_ADN] + [f"dmsu_{i}.conv1x1.{p}" for p in _CONV_ADN]
-    stage_depth = {"t3": depths[1], "t4_pre": depths[2], "t4": depths[3], "t3_up": depths[1], "t4_post": depths[2]}
-    for stage, depth in stage_depth.items():
-        keys.append(f"{stage}.layer.position_embeddings")
-        keys += [f"{stage}.layer.blocks.{j}.{p}" for j in range(depth) for p in _SWIN_BLOCK_PARAMS]
-    keys += [f"t4_pre.layer.downsample.{p}" for p in ("norm.weight", "norm.bias", "reduction.weight")]
-    keys += [f"t4_post.layer.upsample.{p}" for p in ("expand.weight", "norm_layer.weight", "norm_layer.bias")]
-    keys += [f"t4_post.layer.conv1x1.{p}" for p in _CONV_ADN]
-    keys += [f"csab{k}.{p}" for k in range(1, 6) for p in _CSAB]
-    keys += [f"{h}.conv.conv.{p}" for h in _OUT_HEADS for p in ("weight", "bias")]
+    checkpoint of the release must hold (our release network's keys, named the authors' way)."""
+    from medseg_nets.nets.glims import GLIMS
+
+    with torch.device("meta"):
+        ours = GLIMS.authors_release(depths=tuple(depths)).state_dict()
+    keys = [inverse_key(k, RULES) for k in ours]
+    assert None not in keys, "RULES do not cover GLIMS.authors_release"
     return keys
+
+
+def _shape(state_dict: Mapping[str, torch.Tensor], key: str) -> Optional[tuple[int, ...]]:
+    return tuple(state_dict[key].shape) if key in state_dict else None
+
+
+def _cube_root(n: int) -> Optional[int]:
+    r = round(n ** (1 / 3))
+    return next((c for c in (r - 1, r, r + 1) if c > 0 and c**3 == n), None)
+
+
+def network_kwargs(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """The ``GLIMS.authors_release`` arguments that fit an authors' (unwrapped) state dict; an argument whose key
+    is absent keeps the release's value (the missing key is then named by :func:`convert`)."""
+    kwargs: dict[str, Any] = {"depths": list(_RELEASE_DEPTHS)}
+    stem, head = _shape(state_dict, "stem.conv.weight"), _shape(state_dict, "out1.conv.conv.weight")
+    if stem:
+        kwargs.update(in_channels=stem[1], feature_size=stem[0])
+    if head:
+        kwargs["out_channels"] = head[0]
+
+    def depth(stage: str) -> int:
+        found = [int(m.group(1)) for k in state_dict if (m := re.match(rf"{stage}\.layer\.blocks\.(\d+)\.", k))]
+        return max(found) + 1 if found else 0
+
+    for index, stages in ((1, ("t3", "t3_up")), (2, ("t4_pre", "t4_post")), (3, ("t4",))):
+        kwargs["depths"][index] = max(_RELEASE_DEPTHS[index], *(depth(s) for s in stages))
+    table_key = "{}.layer.blocks.0.attn.relative_position_bias_table"
+    heads = [_shape(state_dict, table_key.format(stage)) for stage in ("t3", "t4_pre", "t4")]
+    if all(heads):
+        kwargs["num_heads"] = [3] + [h[1] for h in heads]  # num_heads[0] is not built
+    table = heads[0]
+    if table:  # (2M - 1)^3 rows for a cubic window M; otherwise a (M, 1, 1) window with as many rows
+        side = _cube_root(table[0])
+        kwargs["window_size"] = (side + 1) // 2 if side else [(table[0] + 1) // 2, 1, 1]
+    pos = _shape(state_dict, "t4.layer.position_embeddings")
+    if pos:  # the S/32 grid's voxel count; only its product matters for the shapes
+        side = _cube_root(pos[-1])
+        kwargs["img_size"] = 32 * side if side else [32 * pos[-1], 32, 32]
+    mlp = _shape(state_dict, "t3.layer.blocks.0.mlp.linear1.weight")
+    if mlp:
+        kwargs["mlp_ratio"] = mlp[0] / mlp[1]
+    return kwargs
+
+
+def import_notes(network_args: Mapping[str, Any]) -> list[str]:
+    """What a user of the authors' weights in a bundle should know."""
+    return [
+        "the weights compute the authors' network in GLIMS.authors_release: run them with "
+        "configs/inference_authors.json merged over configs/inference.json (the default network_def, GLIMS, "
+        "loads them but computes its own relative positions and CSAB spatial gate)"
+    ]
 
 
 def convert(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Map the authors' (unwrapped, ``module.``-free) GLIMS state dict to ours.
 
+    The result loads with ``strict=True`` into ``GLIMS.authors_release(**network_kwargs(state_dict))``.
+
     Raises:
-        AuthorsCheckpointError: a key that is not part of the authors' GLIMS, or a parameter of the release
-            (Swin depths inferred from the checkpoint's blocks) that the checkpoint lacks; the message names it.
+        AuthorsCheckpointError: a key that is not part of the authors' GLIMS, or a key of the release (Swin depths
+            inferred from the checkpoint's blocks, at least the release's) that the checkpoint lacks, or another
+            shape; the message names it in our and in the authors' names.
     """
-    out: dict[str, torch.Tensor] = {}
-    unknown = []
-    for key, value in state_dict.items():
-        ours = map_key(key)
-        if ours is None:
-            unknown.append(key)
-        elif ours != DROPPED:
-            out[ours] = value
-    if unknown:
-        raise AuthorsCheckpointError(
-            f"{len(unknown)} key(s) of the checkpoint are not part of the authors' GLIMS (yaziciz/GLIMS), "
-            f"e.g. {unknown[:5]}"
-        )
-    depths = _depths_of(state_dict)
-    missing = sorted(k for k in authors_keys(depths) if k not in state_dict)
-    if missing:
-        raise AuthorsCheckpointError(
-            f"the checkpoint lacks {len(missing)} parameter(s) of the authors' GLIMS, e.g. {missing[:5]}"
-        )
-    return out
+    from medseg_nets.nets.glims import GLIMS
 
-
-def _depths_of(state_dict: Mapping[str, torch.Tensor]) -> tuple[int, ...]:
-    """Swin depths ``(d0, d1, d2, d3)`` as found in the checkpoint's blocks (``d0`` is not built; at least the
-    release's 2, 6, 2 so that a checkpoint missing whole blocks is reported)."""
-
-    def depth(stage: str, default: int) -> int:
-        found = [int(m.group(1)) for k in state_dict if (m := re.match(rf"{stage}\.layer\.blocks\.(\d+)\.", k))]
-        return max(max(found) + 1 if found else 0, default)
-
-    d1 = max(depth("t3", 2), depth("t3_up", 2))
-    d2 = max(depth("t4_pre", 6), depth("t4_post", 6))
-    return (2, d1, d2, depth("t4", 2))
+    converted = apply_rules(state_dict, RULES, "GLIMS")
+    kwargs = network_kwargs(state_dict)
+    try:
+        with torch.device("meta"):
+            reference = GLIMS.authors_release(**kwargs)
+    except ValueError as err:
+        raise AuthorsCheckpointError(f"the GLIMS checkpoint's sizes ({kwargs}) do not build a GLIMS: {err}") from err
+    check_against(converted, reference, RULES, "GLIMS")
+    return converted
