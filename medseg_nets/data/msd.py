@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import json
 import random
 import zlib
@@ -41,7 +42,7 @@ def _resolve(root: Path, entry: Any, where: str) -> dict[str, Any]:
         raise InputDataError(f"{root / 'dataset.json'}: an entry of '{where}' has no 'image': {entry!r}")
     for key in ("image", "label"):
         if key in item:
-            path = (root / str(item[key])).resolve()
+            path = Path(os.path.abspath(root / str(item[key])))  # links kept: outputs are named after them
             if not path.is_file():
                 raise InputDataError(f"{path}: listed in {root / 'dataset.json'} ('{where}') but not found")
             item[key] = str(path)
@@ -98,7 +99,15 @@ def _header_problems(item: dict[str, Any], num_channels: int | None) -> list[str
     if img is None:
         return problems
     channels = img[3] if len(img) == 4 else 1
-    if num_channels is not None and (len(img) not in (3, 4) or channels != num_channels):
+    if num_channels is not None and num_channels > 1 and len(img) == 4 and img[0] == num_channels:
+        # NIfTI keeps channels on the 4th axis; (C, X, Y, Z) would be read as a volume of C voxels across, and when
+        # Z == C as well it would even pass the channel count and give a label map of the wrong shape
+        problems.append(
+            f"{item['image']}: shape {img} looks channel-first ({num_channels} on the first axis); expected a 4D "
+            f"volume with the {num_channels} channels on the last axis (X, Y, Z, C), as NIfTI stores them "
+            "(e.g. nibabel: nib.Nifti1Image(np.moveaxis(data, 0, -1), affine))"
+        )
+    elif num_channels is not None and (len(img) not in (3, 4) or channels != num_channels):
         problems.append(
             f"{item['image']}: shape {img} has {channels} channel(s), expected a 4D volume with {num_channels} "
             "channels on the last axis (X, Y, Z, C)"
