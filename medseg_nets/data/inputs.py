@@ -188,10 +188,11 @@ class Datalists(Mapping):
         dataset_format: ``kind="skin"``: ``"auto"``, ``"isic2018"`` or ``"ph2"`` for the native layouts.
         check_headers: read every header before the run (shapes, channels, truncation, grids).
 
-    ``datalists["training"|"validation"|"test"]`` is a :class:`LazyDatalist`: the data are read on first use.
+    ``datalists["training"|"validation"|"test"|"labelled"]`` is a :class:`LazyDatalist` (``labelled``: training
+    and validation together, e.g. to evaluate on a whole other dataset); the data are read on first use.
     """
 
-    SPLITS = ("training", "validation", "test")
+    SPLITS = ("training", "validation", "test", "labelled")
 
     def __init__(
         self,
@@ -241,25 +242,31 @@ class Datalists(Mapping):
         return len(self.SPLITS)
 
     # --- building ----------------------------------------------------------------------------------------------
-    def start(self) -> dict[str, list[dict[str, Any]]]:
-        """Find, check and log the data now (the first step of a config's ``run``); write the split.
+    def start(self) -> None:
+        """Mark the start of the run (the first step of a config's ``run``): from now on the data are found,
+        checked and logged on first use (when the datasets are created, before the first case), and a failure is
+        raised there. A workflow that uses no datalist (e.g. MONAI Label sets ``train#dataset#data`` itself) never
+        reads ``dataset_dir``.
 
-        Raises the :class:`InputDataError` of bad input. Raises ``RuntimeError`` when parts of the workflow were
-        created (e.g. by ``check_properties()``) while the data could not be read and the data are there now:
-        those parts hold a wrong length, so the workflow must be created again.
+        Raises ``RuntimeError`` when parts of the workflow were created (e.g. by ``check_properties()``) while the
+        data could not be read and the data are there now: those parts hold a stand-in length, so the workflow
+        must be created again.
         """
         self._running = True
         clear_provisional()  # a new run: only what it writes is removed if it stops on bad input
-        if self._error is not None:
-            self._error, self._lists = None, None
-            lists = self._build()
-            if self._handed_out:
-                raise RuntimeError(
-                    f"parts of this workflow were created before {self.dataset_dir} could be read (e.g. by "
-                    "check_properties()); create the workflow again to run it on the data now present"
-                )
-            return lists
-        return self._build()
+        if self._error is None:
+            return
+        self._error, self._lists = None, None
+        if not self._handed_out:
+            return
+        try:
+            self._build()
+        except InputDataError:
+            return  # still unreadable: raised where the data are used
+        raise RuntimeError(
+            f"parts of this workflow were created before {self.dataset_dir} could be read (e.g. by "
+            "check_properties()); create the workflow again to run it on the data now present"
+        )
 
     def lists(self) -> dict[str, list[dict[str, Any]]]:
         """The datalists, built on first use. Before :meth:`start` (introspection), a failure is kept and raised
@@ -281,6 +288,7 @@ class Datalists(Mapping):
             self.dataset_dir, self.spec, self.purpose, output_dir=self.output_dir, val_fraction=self.val_fraction,
             seed=self.seed, label_convention=self.label_convention, dataset_format=self.dataset_format,
         )
+        lists["labelled"] = sorted(lists["training"] + lists["validation"], key=lambda i: str(i["image"]))
         if self.check_headers:
             _check_headers(lists, self.spec, self.purpose)
         _check_unique_outputs(lists["test"] if self.purpose == "inference" else [], self.dataset_dir)
@@ -426,6 +434,15 @@ def find_datalists(
                     "test": test}, f"datalist {root.name}"
         if _ext(root) not in spec.exts:
             raise InputDataError(f"{root}: not a file this bundle reads; expected one of:{spec.layouts()}")
+        if spec.kind == "brats":
+            from medseg_nets.data.brats import brats_case_name
+
+            case = brats_case_name(root)
+            if case is not None:
+                raise InputDataError(
+                    f"{root}: one modality file of BraTS case {case}; expected its case folder (--dataset_dir "
+                    f"{root.parent}) or one 4-channel NIfTI file (FLAIR, T1, T1ce, T2 on the last axis)"
+                )
         if train:
             raise InputDataError(f"{root}: a single image cannot be trained on; expected one of:{spec.layouts()}")
         return {"training": [], "validation": [], "test": [_item(_abs(root), spec, label_convention)]}, "single file"
@@ -456,11 +473,9 @@ def find_datalists(
                 logger.warning("%s: %d image file(s) not named as in the %s are %s:%s", root, len(others), name,
                                "not used for training" if train else "predicted as well",
                                _listing([o["image"] for o in others]))
-            if train:
-                tr, va = split(need_labels(labelled, str(root)))
-                return {"training": tr, "validation": va, "test": []}, name
+            tr, va = split(need_labels(labelled, str(root)) if train else labelled)
             test = sorted([{"image": x["image"]} for x in labelled] + unlabelled + others, key=lambda x: x["image"])
-            return {"training": [], "validation": [], "test": test}, name
+            return {"training": tr, "validation": va, "test": [] if train else test}, name
     # --- plain folders ------------------------------------------------------------------------------------------
     if train:
         if (root / "imagesTr").is_dir() and (root / "labelsTr").is_dir():
