@@ -296,7 +296,13 @@ class Datalists(Mapping):
         self._log(lists, layout)
         if self.output_dir is not None and get_rank() == 0:
             record = {"dataset_dir": _abs(self.dataset_dir), "layout": layout, "seed": self.seed,
-                      "val_fraction": self.val_fraction, **lists}
+                      "val_fraction": self.val_fraction}
+            if self.spec.kind == "brats":
+                record["label_convention"] = self.label_convention
+            if self.spec.kind == "skin":
+                found = re.search(r"dataset_format (\w+)", layout)
+                record["dataset_format"] = found.group(1) if found else "folder"
+            record.update(lists)
             path = Path(self.output_dir) / SPLIT_FILENAME
             provisional(path)  # removed again if the run then stops on bad input
             atomic_write_json(path, record)
@@ -468,14 +474,15 @@ def find_datalists(
 
         found = find_skin_layout(root, dataset_format)
         if found is not None:
-            name, labelled, unlabelled, others = found
+            fmt, labelled, unlabelled, others = found
+            name = {"isic2018": "ISIC 2018 task 1 folder", "ph2": "PH2 folder"}[fmt]
             if others:
                 logger.warning("%s: %d image file(s) not named as in the %s are %s:%s", root, len(others), name,
                                "not used for training" if train else "predicted as well",
                                _listing([o["image"] for o in others]))
             tr, va = split(need_labels(labelled, str(root)) if train else labelled)
             test = sorted([{"image": x["image"]} for x in labelled] + unlabelled + others, key=lambda x: x["image"])
-            return {"training": tr, "validation": va, "test": [] if train else test}, name
+            return {"training": tr, "validation": va, "test": test}, f"{name} (dataset_format {fmt})"
     # --- plain folders ------------------------------------------------------------------------------------------
     if train:
         if (root / "imagesTr").is_dir() and (root / "labelsTr").is_dir():

@@ -134,7 +134,7 @@ def detect_skin_format(root: str | Path) -> str:
 
 
 def find_skin_layout(root: str | Path, dataset: str = "auto") -> tuple[str, list, list, list] | None:
-    """``(layout name, labelled, unlabelled, others)`` of the ISIC 2018 or PH2 files under ``root``, or ``None``
+    """``(format, labelled, unlabelled, others)`` (format ``"isic2018"`` or ``"ph2"``) of the ISIC 2018 or PH2 files under ``root``, or ``None``
     when neither is there (``dataset="auto"``). ``others``: image files under ``root`` that the layout does not
     name (e.g. a ``.png`` photo next to the ``ISIC_*.jpg`` ones), not masks; the caller decides what to do."""
     name = _format_name(dataset)
@@ -149,7 +149,7 @@ def find_skin_layout(root: str | Path, dataset: str = "auto") -> tuple[str, list
               and p.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
               and not re.search(r"_(superpixels|segmentation|lesion|roi)$|_Lesion$", p.stem, re.IGNORECASE)]
     others = [{"image": p} for p in unused]
-    return {"isic2018": "ISIC 2018 task 1 folder", "ph2": "PH2 folder"}[name], labelled, unlabelled, others
+    return name, labelled, unlabelled, others
 
 
 def _format_name(dataset: str) -> str:
