@@ -189,7 +189,7 @@ def test_monai_label_ids_and_btcv_override_keys():
     btcv = json.loads((CFG / "btcv.json").read_text())
     assert not any("#" in k for k in btcv)
     used = {k for k in btcv if k in train or k in infer}
-    assert {"network_def", "datalists", "load_transforms", "preprocessing", "postprocessing", "base_loss"} <= used
+    assert {"network_def", "input_kind", "load_transforms", "preprocessing", "postprocessing", "base_loss"} <= used
     assert infer["network_def"] == train["network_def"]
 
 
