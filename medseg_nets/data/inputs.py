@@ -347,6 +347,12 @@ class LazyDatalist(Sequence):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return iter(self.owner.lists()[self.split])
 
+    def __add__(self, other: Sequence) -> list[dict[str, Any]]:
+        return list(self) + list(other)
+
+    def __radd__(self, other: Sequence) -> list[dict[str, Any]]:
+        return list(other) + list(self)
+
     def __repr__(self) -> str:
         return f"LazyDatalist({self.owner.dataset_dir!r}, {self.split!r})"
 
