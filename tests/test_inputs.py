@@ -390,5 +390,7 @@ def test_labelled_split_and_demo_progress_lines(tmp_path):
     assert len(lists["labelled"]) == 3 and len(lists["validation"]) == 1
     import demo
 
-    lines, rest = demo._progress_lines(b"INFO x\ntrain[1/4]  25%|## [00:01]\rtrain[2/4]  50%|### [00:02]\rtrain[3")
-    assert lines == ["train[1/4]  25%|## [00:01]", "train[2/4]  50%|### [00:02]"] and rest == b"train[3"
+    lines, rest = demo._progress_lines(b"INFO x\ntrain[1/4]  25%|## [00:01]\rtrain[2/4]  50%|### [00:02]2026-11-29 "
+                                       b"14:49:42,434 - ignite - INFO - x\rval[1/1] 100%|## [00:00]\x1b[A\rtrain[3")
+    assert lines == ["train[1/4]  25%|## [00:01]", "train[2/4]  50%|### [00:02]", "val[1/1] 100%|## [00:00]"]
+    assert rest == b"train[3"

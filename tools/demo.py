@@ -56,7 +56,12 @@ def _progress_lines(data: bytes) -> tuple[list[str], bytes]:
     unfinished rest."""
     parts = re.split(rb"[\r\n]", data)
     rest = parts.pop()
-    return [p.decode("utf-8", "replace").strip() for p in parts if b"%|" in p], rest
+    lines = []
+    for part in parts:
+        if b"%|" in part:
+            text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", part.decode("utf-8", "replace"))
+            lines.append(re.split(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", text)[0].strip())  # a log line glued on
+    return lines, rest
 
 
 def bundle_run(config: list[str], log: Path, **overrides: str) -> float:
