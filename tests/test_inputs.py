@@ -320,7 +320,8 @@ def _assert_stopped(proc, *expected: str) -> None:
 
 @pytest.mark.parametrize("bundle, extra, net", [
     ("dalight3d", ["--roi_size", "[16,16,16]"], {}),
-    ("glims", ["--roi_size", "[32,32,32]", "--sw_batch_size", "1"], {}),
+    ("glims", ["--roi_size", "[32,32,32]", "--sw_batch_size", "1", "--network_def#feature_size", "3"],
+     {"network_def#feature_size": 3}),
     ("emcad", ["--roi_size", "[32,32]", "--network_def#encoder", "pvt_v2_b0"], {"network_def#encoder": "pvt_v2_b0"}),
 ])
 def test_cli_inference_on_a_plain_folder_of_4_channel_volumes(bundle, extra, net, tmp_path):
@@ -394,3 +395,17 @@ def test_labelled_split_and_demo_progress_lines(tmp_path):
                                        b"14:49:42,434 - ignite - INFO - x\rval[1/1] 100%|## [00:00]\x1b[A\rtrain[3")
     assert lines == ["train[1/4]  25%|## [00:01]", "train[2/4]  50%|### [00:02]", "val[1/1] 100%|## [00:00]"]
     assert rest == b"train[3"
+
+
+def test_cli_all_zero_training_volume_names_the_file(tmp_path):
+    data = make_dataset(tmp_path / "Task01", cases=2, test=0, size=SIZE)
+    d = Datalists(str(data), "msd", "train", val_fraction=0.5, num_channels=4)
+    d.start()
+    blank = Path(d["training"][0]["image"])
+    nib.save(nib.Nifti1Image(np.zeros(SIZE + (4,), np.float32), nib.load(blank).affine), blank)
+    proc = run_cli(["run", "--config_file", str(BUNDLES / "dalight3d" / "configs" / "train.json"), "--dataset_dir",
+                    str(data), "--bundle_root", str(tmp_path / "run"), "--epochs", "1", "--num_workers", "0",
+                    "--val_fraction", "0.5", "--roi_size", "[16,16,16]"], check=False)
+    _assert_stopped(proc, f"{blank}: every voxel is 0")
+    assert "No sampling location" not in proc.stderr
+    assert not list((tmp_path / "run").rglob("*.pt")) and not list((tmp_path / "run").rglob("datalist_split.json"))
