@@ -126,9 +126,10 @@ def test_nothing_is_read_until_the_run_starts(tmp_path):
     _volume(where / "a.nii.gz")
     with pytest.raises(RuntimeError, match="create the workflow again"):
         d.start()  # parts built with the stand-in length must not run on the data now present
-    d = Datalists(str(where), "msd", "inference", num_channels=4)
+    d = Datalists(str(where), "msd", "inference", num_channels=4, output_dir=str(tmp_path / "out"))
+    assert len(d["test"]) == 1 and not (tmp_path / "out").exists()  # inspecting writes nothing
     d.start()
-    assert _names(d["test"]) == ["a.nii.gz"] and len(d["test"]) == 1
+    assert _names(d["test"]) == ["a.nii.gz"] and (tmp_path / "out" / "datalist_split.json").is_file()
     d = Datalists(str(tmp_path / "none"), "msd")
     d.start()  # a run that never uses the datalists (MONAI Label sets its own) never reads dataset_dir
     with pytest.raises(InputDataError, match="dataset_dir does not exist"):

@@ -255,6 +255,7 @@ class Datalists(Mapping):
         self._running = True
         clear_provisional()  # a new run: only what it writes is removed if it stops on bad input
         if self._error is None:
+            self._write_split()  # when the lists were already read while the workflow was inspected
             return
         self._error, self._lists = None, None
         if not self._handed_out:
@@ -294,19 +295,26 @@ class Datalists(Mapping):
         _check_unique_outputs(lists["test"] if self.purpose == "inference" else [], self.dataset_dir)
         self.layout, self._lists = layout, lists
         self._log(lists, layout)
-        if self.output_dir is not None and get_rank() == 0:
-            record = {"dataset_dir": _abs(self.dataset_dir), "layout": layout, "seed": self.seed,
-                      "val_fraction": self.val_fraction}
-            if self.spec.kind == "brats":
-                record["label_convention"] = self.label_convention
-            if self.spec.kind == "skin":
-                found = re.search(r"dataset_format (\w+)", layout)
-                record["dataset_format"] = found.group(1) if found else "folder"
-            record.update(lists)
-            path = Path(self.output_dir) / SPLIT_FILENAME
-            provisional(path)  # removed again if the run then stops on bad input
-            atomic_write_json(path, record)
+        if self._running:
+            self._write_split()
         return lists
+
+    def _write_split(self) -> None:
+        """``output_dir/datalist_split.json`` (rank 0, only once the run has started: inspecting a workflow writes
+        nothing); removed again if the run then stops on bad input."""
+        if self.output_dir is None or get_rank() != 0 or self._lists is None or self.layout is None:
+            return
+        record: dict[str, Any] = {"dataset_dir": _abs(self.dataset_dir), "layout": self.layout, "seed": self.seed,
+                                  "val_fraction": self.val_fraction}
+        if self.spec.kind == "brats":
+            record["label_convention"] = self.label_convention
+        if self.spec.kind == "skin":
+            found = re.search(r"dataset_format (\w+)", self.layout)
+            record["dataset_format"] = found.group(1) if found else "folder"
+        record.update(self._lists)
+        path = Path(self.output_dir) / SPLIT_FILENAME
+        provisional(path)
+        atomic_write_json(path, record)
 
     def _log(self, lists: dict[str, list[dict[str, Any]]], layout: str) -> None:
         def names(items: list[dict[str, Any]]) -> list[str]:
