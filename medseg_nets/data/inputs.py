@@ -318,7 +318,8 @@ class Datalists(Mapping):
 
     def _log(self, lists: dict[str, list[dict[str, Any]]], layout: str) -> None:
         def names(items: list[dict[str, Any]]) -> list[str]:
-            return [str(i.get("case") or (i["image"][0] if isinstance(i["image"], list) else i["image"])) for i in items]
+            return [str(i.get("case") or (i["image"][0] if isinstance(i["image"], list) else i["image"]))
+                    for i in items]
 
         if self.purpose == "inference":
             cases = names(lists["test"])

@@ -134,9 +134,10 @@ def detect_skin_format(root: str | Path) -> str:
 
 
 def find_skin_layout(root: str | Path, dataset: str = "auto") -> tuple[str, list, list, list] | None:
-    """``(format, labelled, unlabelled, others)`` (format ``"isic2018"`` or ``"ph2"``) of the ISIC 2018 or PH2 files under ``root``, or ``None``
-    when neither is there (``dataset="auto"``). ``others``: image files under ``root`` that the layout does not
-    name (e.g. a ``.png`` photo next to the ``ISIC_*.jpg`` ones), not masks; the caller decides what to do."""
+    """``(format, labelled, unlabelled, others)`` (format ``"isic2018"`` or ``"ph2"``) of the ISIC 2018 or PH2
+    files under ``root``, or ``None`` when neither is there (``dataset="auto"``). ``others``: image files under
+    ``root`` that the layout does not name (e.g. a ``.png`` photo next to the ``ISIC_*.jpg`` ones), not masks; the
+    caller decides what to do."""
     name = _format_name(dataset)
     if name == "auto":
         found = [n for n, find in _FINDERS.items() if any(find(root))]
