@@ -153,7 +153,7 @@ def msd_datalists(
 
     Returns ``{"training": [...], "validation": [...], "test": [...]}`` with absolute paths. ``training`` and
     ``validation`` are a seeded split of the ``dataset.json`` training entries (see :func:`seeded_split`); ``test``
-    holds the ``dataset.json`` test entries that exist on disk, or the validation entries when there are none
+    holds the ``dataset.json`` test entries (each must exist), or the validation entries when there are none
     (the MSD test labels are not public; inference then predicts the held-out validation cases).
     Extra keys of an entry (e.g. an integer ``identifier``) are kept. When ``output_dir`` is given the split is
     written to ``output_dir/datalist_split.json`` so that a run can be repeated and audited.
@@ -177,11 +177,7 @@ def msd_datalists(
     for item in training:
         if "label" not in item:
             raise InputDataError(f"{meta_file}: training entry {item['image']} has no 'label'")
-    test = []
-    for entry in meta.get("test", []):
-        path = root / str(entry if isinstance(entry, str) else entry.get("image", ""))
-        if path.is_file():
-            test.append(_resolve(root, entry, "test"))
+    test = [_resolve(root, e, "test") for e in meta.get("test", [])]  # a listed file that is missing is an error
     train, val = seeded_split(sorted(training, key=lambda x: x["image"]), val_fraction, seed)
     lists = {"training": train, "validation": val, "test": test or [dict(v) for v in val]}
     if check_headers:
