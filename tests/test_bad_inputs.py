@@ -257,12 +257,14 @@ def test_missing_checkpoint_is_an_input_data_error(tmp_path):
         loader(None)
 
 
-def test_bad_input_messages_close_the_traceback(capsys):
-    """MONAI wraps the InputDataError (transforms, config expressions, DataLoader workers); the hook repeats it."""
+def test_bad_input_messages_close_the_traceback(capsys, monkeypatch):
+    """MONAI wraps the InputDataError (transforms, config expressions, DataLoader workers); the hook ends the output
+    with it, and writes the traceback to a log file instead of the terminal."""
     import sys
 
-    from medseg_nets.utils import install_excepthook
+    from medseg_nets.utils import excepthook, install_excepthook
 
+    monkeypatch.setattr(excepthook, "HARD_EXIT", False)
     install_excepthook()  # idempotent (already installed when medseg_nets.utils was imported)
     install_excepthook()
     assert getattr(sys.excepthook, "_medseg_nets", False)
@@ -285,8 +287,13 @@ def test_bad_input_messages_close_the_traceback(capsys):
     sys.excepthook(type(exc), exc, exc.__traceback__)
     err = capsys.readouterr().err
     assert err.rstrip().endswith("The run stopped on bad input:\nInputDataError: /d/a.nii.gz: has 3 channel(s), expected 4")
+    assert "Traceback" not in err
+    log = Path(re.search(r"full traceback: (\S+)", err).group(1))
+    assert "Failed to evaluate ConfigExpression" in log.read_text() and "Traceback" in log.read_text()
     plain = InputDataError("/d/c.nii.gz: bad")
-    sys.excepthook(InputDataError, plain, None)  # already the last line: not repeated
+    sys.excepthook(InputDataError, plain, None)
+    assert capsys.readouterr().err.rstrip().endswith("The run stopped on bad input:\nInputDataError: /d/c.nii.gz: bad")
+    sys.excepthook(RuntimeError, RuntimeError("a bug"), None)  # not bad input: Python's own report
     assert "The run stopped" not in capsys.readouterr().err
 
 
@@ -353,8 +360,8 @@ def test_cli_train_with_empty_dataset_dir(tmp_path):
     empty.mkdir()
     proc = _bundle("train.json", empty, tmp_path / "run", "--epochs", "1")
     _assert_failed_naming(
-        proc, f"{empty}: dataset_dir is missing or empty; expected an MSD task folder with dataset.json, imagesTr/ "
-              "and labelsTr/ (set it with --dataset_dir)"
+        proc, f"{empty}: dataset_dir is empty; expected one of:", "an MSD task folder (dataset.json, imagesTr/, "
+              "labelsTr/, imagesTs/)", "a folder of 4-channel NIfTI volumes (.nii/.nii.gz) (directly or in imagesTs/)"
     )
     assert not list((tmp_path / "run").rglob("*.pt")) and not list((tmp_path / "run").rglob("*.json"))
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -50,8 +51,22 @@ REGIONS = {"WT": (1, 2, 3), "TC": (2, 3), "ET": (3,)}
 COLOURS = {1: (255, 220, 0), 2: (220, 40, 40), 3: (40, 120, 255)}  # edema, non-enhancing, enhancing
 
 
+def _progress_lines(data: bytes) -> tuple[list[str], bytes]:
+    """The progress-bar updates (tqdm segments ending in ``\r`` or ``\n`` that hold ``%|``) in ``data``, and the
+    unfinished rest."""
+    parts = re.split(rb"[\r\n]", data)
+    rest = parts.pop()
+    lines = []
+    for part in parts:
+        if b"%|" in part:
+            text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", part.decode("utf-8", "replace"))
+            lines.append(re.split(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", text)[0].strip())  # a log line glued on
+    return lines, rest
+
+
 def bundle_run(config: list[str], log: Path, **overrides: str) -> float:
-    """``python -m monai.bundle run`` with the bundle's meta/logging files; output to ``log``; returns seconds."""
+    """``python -m monai.bundle run`` with the bundle's meta/logging files; output to ``log``, and the progress bar
+    (epoch, iterations, loss, ETA) on this terminal; returns seconds."""
     files = [str(CFG / c) for c in config]
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", files[0] if len(files) == 1 else "[" + ",".join(f"'{f}'" for f in files) + "]",
            "--meta_file", str(CFG / "metadata.json"), "--logging_file", str(CFG / "logging.conf")]
@@ -59,10 +74,23 @@ def bundle_run(config: list[str], log: Path, **overrides: str) -> float:
         cmd += [f"--{k}", str(v)]
     print("  $ python -m monai.bundle run --config_file", " ".join(cmd[5:]).replace(str(ROOT) + "/", ""), flush=True)
     t0 = time.time()
-    with open(log, "w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
-    if proc.returncode != 0:
-        sys.exit(f"demo step failed (exit {proc.returncode}); see {log}:\n" + "".join(log.read_text().splitlines(True)[-30:]))
+    shown, pending = "", b""
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT)
+        assert proc.stdout is not None
+        for chunk in iter(lambda: proc.stdout.read1(65536), b""):
+            f.write(chunk)
+            f.flush()
+            lines, pending = _progress_lines(pending + chunk)
+            if lines and lines[-1] != shown:
+                shown = lines[-1]
+                sys.stdout.write("\r    " + shown[:110].ljust(110))
+                sys.stdout.flush()
+        returncode = proc.wait()
+    if shown:
+        sys.stdout.write("\n")
+    if returncode != 0:
+        sys.exit(f"demo step failed (exit {returncode}); see {log}:\n" + "".join(log.read_text().splitlines(True)[-30:]))
     return time.time() - t0
 
 

@@ -21,6 +21,7 @@ The datalists are at volume level; a 2D bundle slices the loaded volumes itself.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -36,7 +37,9 @@ from medseg_nets.transforms.brats import normalize_brats_convention
 from medseg_nets.utils.dist import get_rank
 from medseg_nets.utils.fileio import atomic_write_json
 
-__all__ = ["MODALITIES", "NAMINGS", "brats_datalists", "brats_case_name", "brats_name_formatter", "check_brats_headers"]
+__all__ = ["MODALITIES", "NAMINGS", "brats_datalists", "find_brats_files", "brats_case_name", "brats_name_formatter", "check_brats_headers"]
+
+logger = logging.getLogger(__name__)
 
 #: modality order of the stacked image (channel index = position)
 MODALITIES = ("flair", "t1", "t1ce", "t2")
@@ -92,6 +95,28 @@ def _scan(root: Path, skip: Sequence[Path]) -> dict[tuple[Path, str], dict[str, 
             group["files"][key] = str(here / name)
             group["namings"].add(naming)
     return groups
+
+
+def find_brats_files(root: str | os.PathLike, skip: Sequence[Path] = ()) -> bool:
+    """Whether any BraTS-named file (``<case>_flair.nii.gz``, ``<case>-t2f.nii.gz``, ...) is under ``root``."""
+    groups = _scan(Path(root), skip)
+    _drop_strays(groups, log=False)
+    return bool(groups)
+
+
+def _drop_strays(groups: dict[tuple[Path, str], dict[str, Any]], log: bool = True) -> None:
+    """Remove, with a warning, the groups that are not cases: files of only a segmentation (e.g. predictions
+    written into the data folder) and stray files of a case folder's own case whose names merely end like a
+    modality (``<case>/<case>_flair_to_t2.nii.gz`` reads as case ``<case>_flair_to``)."""
+    for (folder, case), group in list(groups.items()):
+        keys = set(group["files"])
+        own = (folder, folder.name) in groups and case != folder.name and case.startswith(folder.name)
+        if own or keys == {"seg"}:
+            why = "an extra file of case " + folder.name if own else "a segmentation without the four modalities"
+            if log:
+                names = ", ".join(sorted(Path(p).name for p in group["files"].values()))
+                logger.warning("%s: ignored %s (%s)", folder, names, why)
+            del groups[(folder, case)]
 
 
 def _expected_names(case: str, naming: str) -> str:
@@ -167,6 +192,7 @@ def brats_datalists(
         )
     skip = [Path(output_dir)] if output_dir is not None else []
     groups = _scan(root, skip)
+    _drop_strays(groups)
     if not groups:
         raise InputDataError(
             f"{root}: no BraTS files found; expected case folders with <case>_flair/_t1/_t1ce/_t2[/_seg].nii.gz "

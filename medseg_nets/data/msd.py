@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import json
 import random
 import zlib
@@ -41,7 +42,7 @@ def _resolve(root: Path, entry: Any, where: str) -> dict[str, Any]:
         raise InputDataError(f"{root / 'dataset.json'}: an entry of '{where}' has no 'image': {entry!r}")
     for key in ("image", "label"):
         if key in item:
-            path = (root / str(item[key])).resolve()
+            path = Path(os.path.abspath(root / str(item[key])))  # links kept: outputs are named after them
             if not path.is_file():
                 raise InputDataError(f"{path}: listed in {root / 'dataset.json'} ('{where}') but not found")
             item[key] = str(path)
@@ -98,7 +99,15 @@ def _header_problems(item: dict[str, Any], num_channels: int | None) -> list[str
     if img is None:
         return problems
     channels = img[3] if len(img) == 4 else 1
-    if num_channels is not None and (len(img) not in (3, 4) or channels != num_channels):
+    if num_channels is not None and num_channels > 1 and len(img) == 4 and img[0] == num_channels:
+        # NIfTI keeps channels on the 4th axis; (C, X, Y, Z) would be read as a volume of C voxels across, and when
+        # Z == C as well it would even pass the channel count and give a label map of the wrong shape
+        problems.append(
+            f"{item['image']}: shape {img} looks channel-first ({num_channels} on the first axis); expected a 4D "
+            f"volume with the {num_channels} channels on the last axis (X, Y, Z, C), as NIfTI stores them "
+            "(e.g. nibabel: nib.Nifti1Image(np.moveaxis(data, 0, -1), affine))"
+        )
+    elif num_channels is not None and (len(img) not in (3, 4) or channels != num_channels):
         problems.append(
             f"{item['image']}: shape {img} has {channels} channel(s), expected a 4D volume with {num_channels} "
             "channels on the last axis (X, Y, Z, C)"
@@ -144,7 +153,7 @@ def msd_datalists(
 
     Returns ``{"training": [...], "validation": [...], "test": [...]}`` with absolute paths. ``training`` and
     ``validation`` are a seeded split of the ``dataset.json`` training entries (see :func:`seeded_split`); ``test``
-    holds the ``dataset.json`` test entries that exist on disk, or the validation entries when there are none
+    holds the ``dataset.json`` test entries (each must exist), or the validation entries when there are none
     (the MSD test labels are not public; inference then predicts the held-out validation cases).
     Extra keys of an entry (e.g. an integer ``identifier``) are kept. When ``output_dir`` is given the split is
     written to ``output_dir/datalist_split.json`` so that a run can be repeated and audited.
@@ -168,11 +177,7 @@ def msd_datalists(
     for item in training:
         if "label" not in item:
             raise InputDataError(f"{meta_file}: training entry {item['image']} has no 'label'")
-    test = []
-    for entry in meta.get("test", []):
-        path = root / str(entry if isinstance(entry, str) else entry.get("image", ""))
-        if path.is_file():
-            test.append(_resolve(root, entry, "test"))
+    test = [_resolve(root, e, "test") for e in meta.get("test", [])]  # a listed file that is missing is an error
     train, val = seeded_split(sorted(training, key=lambda x: x["image"]), val_fraction, seed)
     lists = {"training": train, "validation": val, "test": test or [dict(v) for v in val]}
     if check_headers:

@@ -13,7 +13,18 @@ from monai.utils import convert_data_type
 from PIL import Image
 
 from medseg_nets.utils import as_bool
-from medseg_nets.utils.fileio import atomic_write
+from medseg_nets.utils.fileio import atomic_write, provisional
+
+# PIL transpose that undoes ImageOps.exif_transpose for each EXIF orientation (2-8)
+_UNDO_ORIENTATION = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_90,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_270,
+}
 
 __all__ = ["PNGMaskWriter", "overlay_mask"]
 
@@ -44,7 +55,9 @@ class PNGMaskWriter(ImageWriter):
     convention (``PILReader(reverse_indexing=True)``, spatial axes width, height) and written back in PIL's
     (height, width), so the PNG has the size of the image it was predicted from; when the metadata names the
     source image file (``filename_or_obj``) and its size differs from the mask's, writing fails instead of
-    producing a misaligned mask.
+    producing a misaligned mask. A source photo with an EXIF orientation was read turned as viewers show it
+    (:func:`medseg_nets.data.rgb_image`): the mask is turned back to the photo's stored pixel order and written with
+    the same orientation tag, so that it lies on the stored pixels and viewers show it turned as the photo.
 
     ``save_overlay``: also write ``<source stem>_overlay.png`` next to the mask: the source image with the lesion
     tinted and outlined in ``overlay_colour``.
@@ -98,10 +111,19 @@ class PNGMaskWriter(ImageWriter):
         return np.where(data > self.threshold, 255, 0).astype(np.uint8)
 
     def write(self, filename: Any, verbose: bool = False, **kwargs: Any) -> None:
+        from medseg_nets.data.skin import exif_orientation
+
         mask = self.mask()
         rgb = None
+        save_kwargs: dict[str, Any] = {}
         if self.source is not None:
             with Image.open(self.source) as src:
+                orientation = exif_orientation(src)
+                if orientation != 1:
+                    mask = np.asarray(Image.fromarray(mask).transpose(_UNDO_ORIENTATION[orientation]))
+                    exif = Image.Exif()
+                    exif[0x0112] = orientation
+                    save_kwargs["exif"] = exif
                 if src.size != (mask.shape[1], mask.shape[0]):
                     raise ValueError(
                         f"mask {mask.shape[1]}x{mask.shape[0]} for {filename} does not have the size of its source "
@@ -110,10 +132,15 @@ class PNGMaskWriter(ImageWriter):
                 if self.save_overlay:
                     rgb = np.asarray(src.convert("RGB"))
         path = Path(filename)
-        atomic_write(path, lambda tmp: Image.fromarray(mask).save(tmp, format="PNG"))
+        provisional(path)
+        atomic_write(path, lambda tmp: Image.fromarray(mask).save(tmp, format="PNG", **save_kwargs))
         if self.save_overlay:
             if rgb is None:
                 raise ValueError(f"save_overlay: the source image of {filename} is unknown (no filename_or_obj)")
             over = overlay_mask(rgb, mask > 0, self.overlay_colour, self.overlay_alpha)
             stem = Path(self.source).stem if self.source else path.stem
-            atomic_write(path.with_name(f"{stem}_overlay.png"), lambda tmp: Image.fromarray(over).save(tmp, format="PNG"))
+            provisional(path.with_name(f"{stem}_overlay.png"))
+            atomic_write(
+                path.with_name(f"{stem}_overlay.png"),
+                lambda tmp: Image.fromarray(over).save(tmp, format="PNG", **save_kwargs),
+            )

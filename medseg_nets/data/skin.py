@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 from medseg_nets.data.msd import SPLIT_FILENAME, seeded_split
 from medseg_nets.errors import InputDataError
@@ -32,8 +32,10 @@ __all__ = [
     "SKIN_FORMATS",
     "check_skin_headers",
     "detect_skin_format",
+    "exif_orientation",
     "find_isic2018",
     "find_ph2",
+    "find_skin_layout",
     "grey_mask",
     "rgb_image",
     "skin_datalists",
@@ -131,10 +133,40 @@ def detect_skin_format(root: str | Path) -> str:
     )
 
 
+def find_skin_layout(root: str | Path, dataset: str = "auto") -> tuple[str, list, list, list] | None:
+    """``(format, labelled, unlabelled, others)`` (format ``"isic2018"`` or ``"ph2"``) of the ISIC 2018 or PH2
+    files under ``root``, or ``None`` when neither is there (``dataset="auto"``). ``others``: image files under
+    ``root`` that the layout does not name (e.g. a ``.png`` photo next to the ``ISIC_*.jpg`` ones), not masks; the
+    caller decides what to do."""
+    name = _format_name(dataset)
+    if name == "auto":
+        found = [n for n, find in _FINDERS.items() if any(find(root))]
+        if not found:
+            return None
+        name = detect_skin_format(root)
+    labelled, unlabelled = _FINDERS[name](root)
+    used = {str(x[k]) for x in labelled + unlabelled for k in ("image", "label") if k in x}
+    unused = [str(p) for p in _walk_files(Path(root)) if str(p) not in used
+              and p.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+              and not re.search(r"_(superpixels|segmentation|lesion|roi)$|_Lesion$", p.stem, re.IGNORECASE)]
+    others = [{"image": p} for p in unused]
+    return name, labelled, unlabelled, others
+
+
+def _format_name(dataset: str) -> str:
+    name = str(dataset).strip().lower().replace("_", "").replace("-", "")
+    name = {"isic": "isic2018", "isic2018": "isic2018", "ph2": "ph2", "auto": "auto"}.get(name, name)
+    if name not in ("auto", *_FINDERS):
+        raise ValueError(f"dataset_format must be 'auto', 'isic2018' or 'ph2', got {dataset!r}")
+    return name
+
+
 def _open_size(path: str, what: str) -> tuple[int, int]:
+    """Width and height of the image as viewers show it (EXIF orientation applied)."""
     try:
         with Image.open(path) as img:
-            return img.size
+            w, h = img.size
+            return (h, w) if exif_orientation(img) in (5, 6, 7, 8) else (w, h)
     except Exception as e:  # PIL raises UnidentifiedImageError, OSError, ...
         raise InputDataError(f"{path}: cannot be read ({type(e).__name__}: {e}); expected a readable {what}") from e
 
@@ -204,18 +236,41 @@ def skin_datalists(
     return lists
 
 
+def exif_orientation(img: Image.Image) -> int:
+    """The EXIF orientation tag of ``img`` (1 = as stored, 2-8 = mirrored and/or rotated), 1 when absent."""
+    try:
+        value = int(img.getexif().get(0x0112, 1))
+    except Exception:  # a broken EXIF block: take the pixels as stored
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
 def rgb_image(img: Image.Image) -> Image.Image:
-    """PIL converter for dermoscopy images: colour modes (RGBA, palette, CMYK, YCbCr) to RGB; grey images are
-    left alone so that the channel check reports them (a dermoscopy image has 3 channels)."""
+    """PIL converter for dermoscopy images: the EXIF orientation applied (the photo as viewers show it; the PNG
+    mask writer undoes it), then colour modes (RGBA, palette, CMYK, YCbCr) to RGB; grey images are left alone so
+    that the channel check reports them (a dermoscopy image has 3 channels)."""
+    img = _oriented(img)
     if img.mode in ("RGB", "L", "LA", "1", "I", "F", "I;16", "I;16B", "I;16L"):
         return img
     return img.convert("RGB")
 
 
+def _oriented(img: Image.Image) -> Image.Image:
+    if exif_orientation(img) == 1:
+        return img
+    filename = getattr(img, "filename", None)
+    out = ImageOps.exif_transpose(img)
+    if filename:
+        out.filename = filename  # type: ignore[attr-defined]
+    return out
+
+
 def grey_mask(img: Image.Image) -> Image.Image:
     """PIL converter for lesion masks: 1-bit images to 8-bit 0/255, palette and grey+alpha images to grey, and
     colour images whose three bands are equal to one band. Anything else (e.g. a mask drawn in colour, a 16-bit
-    mask) is left alone so that the checks that follow name the file and say what was expected."""
+    mask) is left alone so that the checks that follow name the file and say what was expected. The EXIF
+    orientation is applied, as for the photo."""
+    img = _oriented(img)
     if img.mode == "1":
         return img.convert("L")
     if img.mode in ("P", "PA", "LA"):

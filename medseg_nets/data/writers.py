@@ -12,7 +12,7 @@ from monai.data import NibabelWriter
 from monai.data.utils import to_affine_nd
 from monai.utils import convert_data_type
 
-from medseg_nets.utils.fileio import atomic_write
+from medseg_nets.utils.fileio import atomic_write, provisional
 
 __all__ = ["NiftiLikeInputWriter"]
 
@@ -70,6 +70,7 @@ class NiftiLikeInputWriter(NibabelWriter):
         return src_affine, header
 
     def write(self, filename: Any, verbose: bool = False, **obj_kwargs: Any) -> None:
+        provisional(filename)  # removed again if the run stops on bad input
         data = np.asarray(convert_data_type(self.data_obj, np.ndarray)[0])
         like = self._source_header(tuple(data.shape))
         if like is None:

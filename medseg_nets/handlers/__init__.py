@@ -2,6 +2,7 @@
 
 from .checkpoint import (
     BestModelSaver,
+    CheckpointError,
     CheckpointLoader,
     CheckpointSaver,
     MissingCheckpointError,
@@ -14,6 +15,7 @@ from .training import GradientClipping, ProgressBar
 
 __all__ = [
     "BestModelSaver",
+    "CheckpointError",
     "CheckpointLoader",
     "CheckpointSaver",
     "ConfusionMatrixPerCase",

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint
 from monai.handlers import CheckpointLoader as _MonaiCheckpointLoader
 
 from medseg_nets.errors import InputDataError
@@ -22,7 +23,8 @@ from medseg_nets.utils.dist import get_rank
 from medseg_nets.utils.fileio import atomic_torch_save
 
 __all__ = [
-    "CheckpointSaver", "BestModelSaver", "ResumeFromCheckpoint", "CheckpointLoader", "MissingCheckpointError", "unwrap"
+    "CheckpointSaver", "BestModelSaver", "ResumeFromCheckpoint", "CheckpointLoader", "CheckpointError",
+    "MissingCheckpointError", "check_state_dict_fits", "read_checkpoint", "unwrap"
 ]
 
 
@@ -168,21 +170,99 @@ class ResumeFromCheckpoint:
         if self.engine_key:
             self.load_dict[self.engine_key] = engine
         if self.enabled:
+            read_checkpoint(self.path)  # an empty or truncated file: a message naming it, not a pickle traceback
             _MonaiCheckpointLoader(
                 load_path=str(self.path), load_dict=self.load_dict, map_location=self.map_location, strict=True
             ).attach(engine)
 
 
+class CheckpointError(InputDataError):
+    """A checkpoint that exists but cannot be used: empty, truncated, not a PyTorch file, or the weights of another
+    network. The message names the file and what was expected."""
+
+
+def read_checkpoint(path: str | Path, map_location: Any = None) -> dict[str, Any]:
+    """``torch.load`` (weights only) of ``path``, with a :class:`CheckpointError` naming the file when it is empty,
+    truncated or not a checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingCheckpointError(_missing_weights_message(path))
+    expected = "expected a model.pt written by this bundle's train.json (or converted with tools/import_weights.py)"
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes); {expected}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # zipfile/pickle/EOF/RuntimeError, depending on where the file is cut
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            f"); the file is truncated or not a PyTorch checkpoint ({size} bytes); {expected}"
+        ) from e
+    if not isinstance(ckpt, Mapping):
+        raise CheckpointError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a state dict; {expected}")
+    return dict(ckpt)
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def check_state_dict_fits(module: torch.nn.Module, state: Any, path: str | Path) -> None:
+    """Raise a :class:`CheckpointError` naming ``path`` when ``state`` is not a state dict of ``module``
+    (missing or unexpected keys, other shapes), with a few examples instead of every key."""
+    name = type(module).__name__
+    if not _is_state_dict(state):
+        keys = list(state)[:5] if isinstance(state, Mapping) else []
+        raise CheckpointError(
+            f"checkpoint {path} is not a state dict of {name} (top-level keys {keys}); expected the model.pt "
+            "weights of this bundle's network"
+        )
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        for what, items in (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)):
+            if items:
+                parts.append(f"{len(items)} key(s) {what} (e.g. {', '.join(items[:3])})")
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this bundle's network {name}: {'; '.join(parts)}; expected weights "
+            "trained with this bundle's configs (is it another bundle's or another configuration's model.pt?)"
+        )
+
+
 class CheckpointLoader(_MonaiCheckpointLoader):
-    """MONAI's ``CheckpointLoader`` whose missing-file error says how to get weights (MONAI's is a bare
-    ``FileNotFoundError``). The check runs when the engine starts, before any output is written, so that a
-    workflow can still be built and inspected (e.g. ``check_properties()``) without weights. DDP-wrapped networks in
-    ``load_dict`` are unwrapped."""
+    """MONAI's ``CheckpointLoader`` with errors that name the file and say what was expected: a missing file
+    (how to get weights), an empty, truncated or non-PyTorch file, or the weights of another network (a count and
+    examples of the keys that differ, not all of them). A training checkpoint (``checkpoint_latest.pt``, whose
+    ``network`` entry holds the weights) is accepted for a single network to load. The check runs when the engine
+    starts, before any output is written, so that a workflow can still be built and inspected (e.g.
+    ``check_properties()``) without weights. DDP-wrapped networks in ``load_dict`` are unwrapped."""
 
     def __init__(self, load_path: str, load_dict: dict, *args: Any, **kwargs: Any) -> None:
         super().__init__(load_path, {k: unwrap(v) for k, v in load_dict.items()}, *args, **kwargs)
 
     def __call__(self, engine: Engine) -> None:
-        if not Path(self.load_path).is_file():
-            raise MissingCheckpointError(_missing_weights_message(Path(self.load_path)))
-        super().__call__(engine)
+        ckpt = read_checkpoint(self.load_path, self.map_location)
+        if not self.strict_shape:
+            super().__call__(engine)
+            return
+        first = next(iter(self.load_dict))
+        if len(self.load_dict) == 1 and first not in ckpt:
+            if isinstance(self.load_dict[first], torch.nn.Module) and _is_state_dict(ckpt.get("network")):
+                self.logger.info(f"{self.load_path}: a training checkpoint; loading its 'network' weights")
+                ckpt = {first: ckpt["network"]}
+            else:
+                ckpt = {first: ckpt}
+        for key, obj in self.load_dict.items():
+            if key not in ckpt:
+                raise CheckpointError(f"checkpoint {self.load_path} has no '{key}' entry (it has {sorted(ckpt)[:8]})")
+            if isinstance(obj, torch.nn.Module) and self.strict:
+                check_state_dict_fits(obj, ckpt[key], self.load_path)
+        prior_max_epochs = engine.state.max_epochs if engine is not None else None
+        Checkpoint.load_objects(to_load=self.load_dict, checkpoint=ckpt, strict=self.strict)
+        if engine is not None:
+            engine.state.max_epochs = prior_max_epochs
+        self.logger.info(f"Restored all variables from {self.load_path}")

@@ -63,6 +63,8 @@ class CheckSegmentationInputd(MapTransform):
 
     - the image does not have ``num_channels`` channels (message lists ``channel_names``);
     - the image has NaN or infinite voxels (``check_finite``);
+    - the image is zero everywhere (``check_nonzero``: nothing to crop to or sample from; MONAI would stop much
+      later with "No sampling location available" and no file named);
     - the label's spatial shape differs from the image's, or it has more than one channel;
     - the label has values outside ``label_values``.
     """
@@ -76,6 +78,7 @@ class CheckSegmentationInputd(MapTransform):
         label_values: Sequence[int] | None = None,
         check_finite: bool = True,
         allow_missing_keys: bool = True,
+        check_nonzero: bool = True,
     ) -> None:
         keys = [image_key] + ([label_key] if label_key else [])
         super().__init__(keys, allow_missing_keys=allow_missing_keys)
@@ -85,6 +88,7 @@ class CheckSegmentationInputd(MapTransform):
         self.channel_names = list(channel_names) if channel_names else None
         self.label_values = sorted(int(v) for v in label_values) if label_values is not None else None
         self.check_finite = check_finite
+        self.check_nonzero = check_nonzero
 
     def __call__(self, data: Mapping[Hashable, Any]) -> Mapping[Hashable, Any]:
         image = data[self.image_key]
@@ -99,6 +103,11 @@ class CheckSegmentationInputd(MapTransform):
             bad = int((~torch.isfinite(torch.as_tensor(image))).sum())
             if bad:
                 raise InputDataError(f"{name}: contains {bad} NaN/infinite voxel(s); expected finite intensities")
+        if self.check_nonzero and not bool(torch.as_tensor(image).any()):
+            raise InputDataError(
+                f"{name}: every voxel is 0 (shape {tuple(image.shape)}); expected an image with signal (an empty or "
+                "blank export?)"
+            )
         if self.label_key and self.label_key in data:
             label = data[self.label_key]
             lname = source_name(label)

@@ -2,7 +2,15 @@
 
 from .cli import as_bool
 from .dist import cleanup_distributed, ddp_wrap, get_device, get_rank, init_distributed, rank_zero_only
-from .fileio import atomic_torch_save, atomic_write, atomic_write_json, atomic_write_text
+from .fileio import (
+    atomic_torch_save,
+    atomic_write,
+    atomic_write_json,
+    atomic_write_text,
+    discard_provisional,
+    prepare_output_dir,
+    provisional,
+)
 from .excepthook import input_errors, install_excepthook
 from .memory import keep_freed_memory, malloc_trim
 
@@ -15,6 +23,7 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_text",
     "cleanup_distributed",
+    "discard_provisional",
     "ddp_wrap",
     "get_device",
     "get_rank",
@@ -23,5 +32,7 @@ __all__ = [
     "install_excepthook",
     "keep_freed_memory",
     "malloc_trim",
+    "prepare_output_dir",
+    "provisional",
     "rank_zero_only",
 ]

@@ -9,7 +9,47 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "atomic_torch_save"]
+__all__ = [
+    "atomic_write",
+    "atomic_write_text",
+    "atomic_write_json",
+    "atomic_torch_save",
+    "provisional",
+    "discard_provisional",
+    "clear_provisional",
+    "prepare_output_dir",
+]
+
+#: files this run created that must not outlive a run stopped by bad input (predictions, the split file)
+_PROVISIONAL: list[Path] = []
+
+
+def provisional(path: str | os.PathLike) -> None:
+    """Record that the run is about to create ``path`` (when it does not exist yet): if the run then stops on bad
+    input, :func:`discard_provisional` (called by the error handler) removes it, so nothing partial is left."""
+    p = Path(path).absolute()
+    if not p.exists() and p not in _PROVISIONAL:
+        _PROVISIONAL.append(p)
+
+
+def discard_provisional() -> list[Path]:
+    """Remove the files recorded by :func:`provisional`; return those removed."""
+    removed = []
+    while _PROVISIONAL:
+        p = _PROVISIONAL.pop()
+        try:
+            p.unlink()
+            removed.append(p)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            pass
+    return removed[::-1]
+
+
+def clear_provisional() -> None:
+    """Forget the recorded files (a new run starts in this process)."""
+    _PROVISIONAL.clear()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -72,3 +112,27 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     import torch
 
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def prepare_output_dir(path: str | os.PathLike) -> Path:
+    """Create ``path`` (and its parents) and check that files can be written there, before the run starts.
+
+    Raises :class:`~medseg_nets.errors.InputDataError` naming the folder when it is a file, cannot be created or
+    is not writable (e.g. ``--output_dir`` on a read-only mount), instead of a traceback when the first file is saved.
+    """
+    from medseg_nets.errors import InputDataError
+
+    p = Path(os.path.expanduser(str(path)))
+    if p.exists() and not p.is_dir():
+        raise InputDataError(f"{p}: is a file; expected a folder for the outputs (set --output_dir/--ckpt_dir)")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write_test.", dir=p)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise InputDataError(
+            f"{p}: cannot write there ({e.strerror or e}); expected a writable folder for the outputs "
+            "(set --output_dir/--ckpt_dir)"
+        ) from e
+    return p
