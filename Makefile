@@ -9,7 +9,7 @@ ML_VENV ?= .venv-monailabel
 ML_PY := $(ML_VENV)/bin/python
 ML_STAMP := $(ML_VENV)/.medseg-installed
 
-.PHONY: demo test verify package onnx benchmark clean-demo monailabel-env monailabel-test
+.PHONY: demo test verify package onnx benchmark clean-demo monailabel-env monailabel-test monailabel-timing
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ monailabel-env: $(ML_STAMP)
 # the real server test alone (also part of `make test`)
 monailabel-test: $(STAMP) $(ML_STAMP)
 	MEDSEG_MONAILABEL_PYTHON=$(ML_PY) $(PY) -m pytest -q tests/test_monailabel.py
+
+# inference time of each bundle through the server, configs as shipped, BraTS-sized studies (for the README)
+monailabel-timing: $(STAMP) $(ML_STAMP)
+	MEDSEG_MONAILABEL_FULL_SIZE=1 MEDSEG_MONAILABEL_PYTHON=$(ML_PY) $(PY) -m pytest -q -s tests/test_monailabel.py -k "infer"
 
 demo: $(STAMP)
 	$(PY) tools/demo.py --out demo_out

@@ -60,10 +60,15 @@ SMALL = {
 LABEL_VALUES = {"dalight3d": {1, 2, 3}, "glims": {1, 2, 4}, "emcad": {1, 2, 4}, "eamnet": {1},
                 "glims_btcv": set(range(1, 14))}
 STUDY = {"dalight3d": "brain0", "glims": "brain0", "emcad": "brain0", "glims_btcv": "ct0"}
-SIZE = (32, 32, 24)
+# MEDSEG_MONAILABEL_FULL_SIZE=1 (`make monailabel-timing`): the bundles' configs as shipped and BraTS-sized studies,
+# to time inference through the server for the README (minutes per 3D bundle on CPU; not part of `make test`)
+FULL_SIZE = os.environ.get("MEDSEG_MONAILABEL_FULL_SIZE", "") not in ("", "0")
+if FULL_SIZE:
+    SMALL = {name: {} for name in SMALL}
+SIZE = (240, 240, 155) if FULL_SIZE else (32, 32, 24)
 # LPS-flipped, anisotropic and translated: Orientationd/Spacingd change the grid, Invertd must bring it back
 AFFINE = np.array([[-1.2, 0, 0, 90.0], [0, -1.0, 0, 110.0], [0, 0, 1.5, -40.0], [0, 0, 0, 1]])
-PNG_SIZE = (90, 70)  # width, height: not the network's 256 x 256
+PNG_SIZE = (1024, 768) if FULL_SIZE else (90, 70)  # width, height: not the network's 256 x 256
 
 
 def _server_python() -> Path:

@@ -10,6 +10,7 @@ from typing import List
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from medseg_nets.blocks.glims import (
     CSAB,
@@ -106,6 +107,10 @@ class GLIMS(nn.Module):
         csab_spatial_kernel_size: kernel size of the CSAB spatial-attention convolution.
         csab_spatial_norm: ``"instance"`` or ``"layer"`` (reference), see :class:`~medseg_nets.blocks.glims.CSAB`.
         deep_supervision: return the deep-supervision heads in training mode.
+        gradient_checkpointing: in training with gradients, recompute the DMSF encoders, the CSAB skip attentions
+            and the DMSU decoders during the backward pass instead of keeping their activations
+            (``torch.utils.checkpoint``, non-reentrant): the same outputs and gradients, less memory, more time.
+            Off in eval mode, under ``torch.no_grad`` and in TorchScript.
     """
 
     def __init__(
@@ -125,8 +130,10 @@ class GLIMS(nn.Module):
         csab_spatial_kernel_size: int = 7,
         csab_spatial_norm: str = "instance",
         deep_supervision: bool = True,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
+        self.gradient_checkpointing = gradient_checkpointing
         if len(depths) != 4 or len(num_heads) != 4:
             raise ValueError(f"depths and num_heads need four (Swin-T style) entries, got {depths}, {num_heads}.")
         widths = [feature_size * 2**i for i in range(6)]
@@ -176,10 +183,14 @@ class GLIMS(nn.Module):
                     "GLIMS expects every spatial size to be a multiple of 32 (five 2x down-samplings), "
                     "got {}.".format(spatial)
                 )
+        ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         h = self.stem(x)
         skips: List[torch.Tensor] = []
         for i, enc in enumerate(self.encoders):
-            skip, h = enc(h)
+            if not torch.jit.is_scripting() and ckpt:  # TorchScript drops this branch
+                skip, h = checkpoint(enc, h, use_reentrant=False)
+            else:
+                skip, h = enc(h)
             skips.append(skip)
             if i == 2:
                 h = channel_layer_norm(self.swin_enc1(h))
@@ -189,11 +200,17 @@ class GLIMS(nn.Module):
         h = channel_layer_norm(self.swin_bottleneck(h))
         refined: List[torch.Tensor] = []
         for i, att in enumerate(self.skip_attention):
-            refined.append(att(skips[i]))
+            if not torch.jit.is_scripting() and ckpt:
+                refined.append(checkpoint(att, skips[i], use_reentrant=False))
+            else:
+                refined.append(att(skips[i]))
         h = channel_layer_norm(self.swin_up(h, refined[4]))
         dec_outs: List[torch.Tensor] = []
         for i, dec in enumerate(self.decoders):
-            h = dec(h, refined[3 - i])
+            if not torch.jit.is_scripting() and ckpt:
+                h = checkpoint(dec, h, refined[3 - i], use_reentrant=False)
+            else:
+                h = dec(h, refined[3 - i])
             dec_outs.append(h)
             if i == 0:
                 h = channel_layer_norm(self.swin_dec(h))
