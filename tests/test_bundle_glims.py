@@ -87,7 +87,7 @@ def test_resume_continues_from_last_epoch(trained, brats_dir, tmp_path):
     root, _ = trained
     shutil.copytree(root / "models", tmp_path / "models")
     before = torch.load(tmp_path / "models" / "checkpoint_latest.pt", map_location="cpu", weights_only=False)
-    proc = _run(("train",), brats_dir, root, epochs="2", resume="true", val_interval="3",  # no validation needed
+    proc = _run(("train",), brats_dir, root, epochs="2", resume="true", val_interval="3",  # only the final validation (FinalValidationHandler)
                 ckpt_dir=str(tmp_path / "models"), output_dir=str(tmp_path / "eval"))
     out = proc.stdout + proc.stderr
     assert "SupervisedTrainer - INFO - Epoch[2] Complete" in out

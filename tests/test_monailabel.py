@@ -46,9 +46,9 @@ START_TIMEOUT_S = 300
 REQUEST_TIMEOUT_S = 600
 
 # ids set in the copied configs (MONAI Label reads them as they are): narrow networks, small rois, no workers;
-# val_interval 1 so that the one training epoch validates and writes models/model.pt
+# val_interval 2 > the one training epoch: model.pt must come from the final validation (FinalValidationHandler)
 SMALL = {
-    "dalight3d": {"roi_size": [32, 32, 32], "sw_overlap": 0.25, "sw_batch_size": 2, "num_workers": 0, "val_interval": 1,
+    "dalight3d": {"roi_size": [32, 32, 32], "sw_overlap": 0.25, "sw_batch_size": 2, "num_workers": 0, "val_interval": 2,
                   "network_def#base_channels": 8, "network_def#bottleneck_channels": 32},
     "glims": {"roi_size": [32, 32, 32], "sw_batch_size": 2, "num_workers": 0, "network_def#feature_size": 3},
     "emcad": {"roi_size": [64, 64], "sw_batch_size": 16, "num_workers": 0, "network_def#encoder": "pvt_v2_b0"},
@@ -67,7 +67,10 @@ if FULL_SIZE:
     SMALL = {name: {} for name in SMALL}
 SIZE = (240, 240, 155) if FULL_SIZE else (32, 32, 24)
 # LPS-flipped, anisotropic and translated: Orientationd/Spacingd change the grid, Invertd must bring it back
+# (FULL_SIZE: BraTS's 1 mm grid, LPS-flipped)
 AFFINE = np.array([[-1.2, 0, 0, 90.0], [0, -1.0, 0, 110.0], [0, 0, 1.5, -40.0], [0, 0, 0, 1]])
+if FULL_SIZE:
+    AFFINE = np.array([[-1.0, 0, 0, 0], [0, -1.0, 0, 239.0], [0, 0, 1.0, 0], [0, 0, 0, 1]])
 PNG_SIZE = (1024, 768) if FULL_SIZE else (90, 70)  # width, height: not the network's 256 x 256
 
 

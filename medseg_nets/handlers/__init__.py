@@ -10,13 +10,14 @@ from .checkpoint import (
 )
 from .confusion import ConfusionMatrixPerCase
 from .metrics_report import MetricsReport, summarise
-from .training import GradientClipping, ProgressBar
+from .training import FinalValidationHandler, GradientClipping, ProgressBar
 
 __all__ = [
     "BestModelSaver",
     "CheckpointLoader",
     "CheckpointSaver",
     "ConfusionMatrixPerCase",
+    "FinalValidationHandler",
     "GradientClipping",
     "MetricsReport",
     "MissingCheckpointError",
