@@ -40,7 +40,8 @@ from make_demo_data import make_case, make_ct_case  # tools/ is on sys.path (con
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLES = ["dalight3d", "glims", "emcad", "eamnet", "glims_btcv"]
-SERVER_PYTHON = Path(os.environ.get("MEDSEG_MONAILABEL_PYTHON", ROOT / ".venv-monailabel/bin/python"))
+# absolute (the server runs in another folder), not resolved (a venv's python is a symlink that must stay one)
+SERVER_PYTHON = Path(os.path.abspath(os.environ.get("MEDSEG_MONAILABEL_PYTHON", ROOT / ".venv-monailabel/bin/python")))
 SHIM = ROOT / "tools/monailabel/torchvision_shim"  # torchvision stand-in: see its __init__.py
 START_TIMEOUT_S = 300
 REQUEST_TIMEOUT_S = 600
