@@ -44,7 +44,7 @@ BUNDLES = ["dalight3d", "glims", "emcad", "eamnet", "glims_btcv"]
 SERVER_PYTHON = Path(os.path.abspath(os.environ.get("MEDSEG_MONAILABEL_PYTHON", ROOT / ".venv-monailabel/bin/python")))
 SHIM = ROOT / "tools/monailabel/torchvision_shim"  # torchvision stand-in: see its __init__.py
 START_TIMEOUT_S = 300
-REQUEST_TIMEOUT_S = 600
+REQUEST_TIMEOUT_S = 600  # FULL_SIZE: 1800 (below)
 
 # ids set in the copied configs (MONAI Label reads them as they are): narrow networks, small rois, no workers;
 # val_interval 2 > the one training epoch: model.pt must come from the final validation (FinalValidationHandler)
@@ -66,6 +66,7 @@ STUDY = {"dalight3d": "brain0", "glims": "brain0", "emcad": "brain0", "glims_btc
 FULL_SIZE = os.environ.get("MEDSEG_MONAILABEL_FULL_SIZE", "") not in ("", "0")
 if FULL_SIZE:
     SMALL = {name: {} for name in SMALL}
+    REQUEST_TIMEOUT_S = 1800
 SIZE = (240, 240, 155) if FULL_SIZE else (32, 32, 24)
 # LPS-flipped, anisotropic and translated: Orientationd/Spacingd change the grid, Invertd must bring it back
 # (FULL_SIZE: BraTS's 1 mm grid, LPS-flipped)
