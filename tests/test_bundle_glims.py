@@ -87,7 +87,8 @@ def test_resume_continues_from_last_epoch(trained, brats_dir, tmp_path):
     root, _ = trained
     shutil.copytree(root / "models", tmp_path / "models")
     before = torch.load(tmp_path / "models" / "checkpoint_latest.pt", map_location="cpu", weights_only=False)
-    proc = _run(("train",), brats_dir, root, epochs="2", resume="true", val_interval="3",  # only the final validation (FinalValidationHandler)
+    # val_interval 3 > epochs: only the final validation (FinalValidationHandler)
+    proc = _run(("train",), brats_dir, root, epochs="2", resume="true", val_interval="3",
                 ckpt_dir=str(tmp_path / "models"), output_dir=str(tmp_path / "eval"))
     out = proc.stdout + proc.stderr
     assert "SupervisedTrainer - INFO - Epoch[2] Complete" in out
@@ -154,8 +155,8 @@ def test_btcv_bundle_trains_and_infers(tmp_path):
     convs = [v for v in weights.values() if v.ndim == 5]
     assert convs[0].shape[1] == 1 and any(w.shape[0] == 14 for w in convs)  # 1 CT channel in, 14 classes out
     out = tmp_path / "out"
-    run_cli(["run", "--config_file", _cfg("inference", cfg=BTCV_CFG), "--dataset_dir", str(data), "--bundle_root", str(root),
-             "--output_dir", str(out), *_args(SMALL)])
+    run_cli(["run", "--config_file", _cfg("inference", cfg=BTCV_CFG), "--dataset_dir", str(data),
+             "--bundle_root", str(root), "--output_dir", str(out), *_args(SMALL)])
     src = data / "imagesTs" / "img0005.nii.gz"
     a, b = nib.load(src), nib.load(out / "img0005_seg.nii.gz")
     assert b.shape == a.shape and b.get_data_dtype() == np.uint8

@@ -9,8 +9,9 @@ One server for the module: the app copied by ``monailabel apps --download``, the
 ``model/`` folder with random weights as ``models/model.pt`` and small settings in their configs (MONAI Label reads
 the config files as they are: SMALL below), a studies folder of generated cases (4-channel NIfTI volumes, an RGB
 PNG), 127.0.0.1 on a free port; it is stopped by its PID at the end. The tests call ``/info/``,
-``/infer/<model>`` for every bundle (glims_btcv on a CT study; the returned label file: shape, integer type, values named in ``/info``, the
-study's affine or size) and ``/train/dalight3d`` for one epoch (``model.pt`` rewritten).
+``/infer/<model>`` for every bundle (glims_btcv on a CT study; the returned label file: shape, integer type,
+values named in ``/info``, the study's affine or size) and ``/train/dalight3d`` for one epoch (``model.pt``
+rewritten by the final validation).
 """
 
 from __future__ import annotations

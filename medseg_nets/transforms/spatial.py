@@ -26,7 +26,9 @@ class Spacingd(_MonaiSpacingd):
         d = dict(data)
         prefixes = tuple(f"{k}_" for k in self.keys)
         hidden = {
-            k: d.pop(k) for k in list(d) if isinstance(k, str) and k.startswith(prefixes) and not isinstance(d[k], Mapping)
+            k: d.pop(k)
+            for k in list(d)
+            if isinstance(k, str) and k.startswith(prefixes) and not isinstance(d[k], Mapping)
         }
         out = super().__call__(d, lazy=lazy)
         out.update(hidden)
