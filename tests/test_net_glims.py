@@ -209,3 +209,23 @@ def test_autocast_bfloat16(small_net):
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 out = block(*args).float()
         assert float((out - ref).norm() / ref.norm()) < 0.03
+
+
+def test_gradient_checkpointing_same_outputs_and_gradients():
+    """gradient_checkpointing recomputes encoders, skip attentions and decoders in the backward pass: same training
+    outputs and gradients; eval mode and TorchScript are unaffected."""
+    torch.manual_seed(0)
+    plain = GLIMS(4, 3, feature_size=3).train()
+    ckpt = GLIMS(4, 3, feature_size=3, gradient_checkpointing=True).train()
+    ckpt.load_state_dict(plain.state_dict())
+    x = torch.randn(1, 4, 32, 32, 32)
+    y_plain, y_ckpt = plain(x), ckpt(x)
+    torch.testing.assert_close(y_ckpt, y_plain)
+    y_plain.square().mean().backward()
+    y_ckpt.square().mean().backward()
+    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, msg=name)
+    ckpt.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.script(ckpt)(x), plain.eval()(x))

@@ -126,14 +126,20 @@ def _spatial_shape(meta: dict, n: int) -> list[int]:
 
 
 def check_net_in_out(bundle: Path, n: int) -> list[str]:
-    from monai.bundle import verify_net_in_out
+    from monai.bundle import ConfigParser, verify_net_in_out
 
+    # metadata outputs.pred describes the label map the bundle writes (what MONAI Label and the Zoo read: one
+    # channel, integer values named in channel_def); the network itself yields network_def#out_channels float maps
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs/inference.json"))
+    pred = "_meta_#network_data_format#outputs#pred#"
     verify_net_in_out(
         net_id="network_def",
         meta_file=str(bundle / "configs/metadata.json"),
         config_file=str(bundle / "configs/inference.json"),
         n=n,
         device="cpu",
+        **{pred + "num_channels": parser.get("network_def#out_channels"), pred + "dtype": "float32"},
     )
     return []
 

@@ -11,7 +11,7 @@ from .checkpoint import (
 )
 from .confusion import ConfusionMatrixPerCase
 from .metrics_report import MetricsReport, summarise
-from .training import GradientClipping, ProgressBar
+from .training import FinalValidationHandler, GradientClipping, ProgressBar
 
 __all__ = [
     "BestModelSaver",
@@ -19,6 +19,7 @@ __all__ = [
     "CheckpointLoader",
     "CheckpointSaver",
     "ConfusionMatrixPerCase",
+    "FinalValidationHandler",
     "GradientClipping",
     "MetricsReport",
     "MissingCheckpointError",

@@ -8,8 +8,9 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 from monai.engines.utils import IterationEvents
+from monai.handlers import ValidationHandler
 
-__all__ = ["GradientClipping", "ProgressBar"]
+__all__ = ["FinalValidationHandler", "GradientClipping", "ProgressBar"]
 
 
 class GradientClipping:
@@ -48,3 +49,29 @@ class ProgressBar:
         _PB(persist=self.persist, desc=self.desc or None).attach(
             engine, output_transform=self.output_transform, event_name=Events.ITERATION_COMPLETED
         )
+
+
+class FinalValidationHandler(ValidationHandler):
+    """MONAI's ``ValidationHandler`` that also validates when training completes on an epoch it did not validate.
+
+    With MONAI's handler a run shorter than ``interval`` epochs (or one whose last epoch is not a multiple of it)
+    ends without validating its last weights, so the best-model saver never writes ``models/model.pt`` for them:
+    a short training from MONAI Label (``max_epochs`` below the bundle's ``val_interval``) left ``model.pt`` as it
+    was. Same arguments as MONAI's (epoch-level only), plus ``final`` (default True).
+    """
+
+    def __init__(self, interval: int, validator: Any = None, epoch_level: bool = True, exec_at_start: bool = False,
+                 final: bool = True) -> None:
+        super().__init__(interval=interval, validator=validator, epoch_level=epoch_level, exec_at_start=exec_at_start)
+        if final and not epoch_level:
+            raise ValueError("FinalValidationHandler: final validation needs epoch_level=True")
+        self.final = final
+
+    def attach(self, engine: Engine) -> None:
+        super().attach(engine)
+        if self.final:
+            engine.add_event_handler(Events.COMPLETED, self._validate_last_epoch)
+
+    def _validate_last_epoch(self, engine: Engine) -> None:
+        if engine.state.epoch > 0 and engine.state.epoch % self.interval != 0:
+            self(engine)

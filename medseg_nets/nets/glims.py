@@ -10,6 +10,7 @@ from typing import List
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from medseg_nets.blocks.glims import (
     CSAB,
@@ -118,6 +119,10 @@ class GLIMS(nn.Module):
             :class:`~medseg_nets.blocks.glims.SwinStage3D`.
         swin_up_norm: layer-norm the output of the transformer up-sampling stage (the reference does not).
         deep_supervision: return the deep-supervision heads in training mode.
+        gradient_checkpointing: in training with gradients, recompute the DMSF encoders, the CSAB skip attentions
+            and the DMSU decoders during the backward pass instead of keeping their activations
+            (``torch.utils.checkpoint``, non-reentrant): the same outputs and gradients, less memory, more time.
+            Off in eval mode, under ``torch.no_grad`` and in TorchScript.
 
     The authors' network (to load their weights, see :mod:`medseg_nets.convert.glims`) is
     ``GLIMS.authors_release(in_channels, out_channels, feature_size)``, i.e. these arguments with
@@ -158,8 +163,10 @@ class GLIMS(nn.Module):
         relative_position: str = "offsets",
         swin_up_norm: bool = False,
         deep_supervision: bool = True,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
+        self.gradient_checkpointing = gradient_checkpointing
         if len(depths) != 4 or len(num_heads) != 4:
             raise ValueError(f"depths and num_heads need four (Swin-T style) entries, got {depths}, {num_heads}.")
         widths = [feature_size * 2**i for i in range(6)]
@@ -216,10 +223,14 @@ class GLIMS(nn.Module):
                     "GLIMS expects every spatial size to be a multiple of 32 (five 2x down-samplings), "
                     "got {}.".format(spatial)
                 )
+        ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         h = self.stem(x)
         skips: List[torch.Tensor] = []
         for i, enc in enumerate(self.encoders):
-            skip, h = enc(h)
+            if not torch.jit.is_scripting() and ckpt:  # TorchScript drops this branch
+                skip, h = checkpoint(enc, h, use_reentrant=False)
+            else:
+                skip, h = enc(h)
             skips.append(skip)
             if i == 2:
                 h = channel_layer_norm(self.swin_enc1(h))
@@ -229,13 +240,19 @@ class GLIMS(nn.Module):
         h = channel_layer_norm(self.swin_bottleneck(h))
         refined: List[torch.Tensor] = []
         for i, att in enumerate(self.skip_attention):
-            refined.append(att(skips[i]))
+            if not torch.jit.is_scripting() and ckpt:
+                refined.append(checkpoint(att, skips[i], use_reentrant=False))
+            else:
+                refined.append(att(skips[i]))
         h = self.swin_up(h, refined[4])
         if self.swin_up_norm:
             h = channel_layer_norm(h)
         dec_outs: List[torch.Tensor] = []
         for i, dec in enumerate(self.decoders):
-            h = dec(h, refined[3 - i])
+            if not torch.jit.is_scripting() and ckpt:
+                h = checkpoint(dec, h, refined[3 - i], use_reentrant=False)
+            else:
+                h = dec(h, refined[3 - i])
             dec_outs.append(h)
             if i == 0:
                 h = channel_layer_norm(self.swin_dec(h))
