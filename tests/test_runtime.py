@@ -135,3 +135,17 @@ def test_monai_sliding_window(runtime):
     with torch.no_grad():
         y, ref = inferer(x, wrapped), inferer(x, net)
     assert within_tolerance(y, ref)
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_verify_falls_back_beyond_tolerance(runtime, caplog):
+    net = tiny_net()
+    wrapped = RuntimeNetwork(net, runtime=runtime, rtol=0.0).eval()  # nothing passes a zero tolerance...
+    x = torch.randn(2, 2, 8, 8, 8)
+    with torch.no_grad(), caplog.at_level(logging.WARNING):
+        y = wrapped(x)
+        if wrapped.last_check["max_abs_diff"] == 0:
+            pytest.skip("the runtime matched eager bit for bit")
+        assert torch.equal(y, net(x))
+        assert wrapped.active_runtime == "eager" and "differs from eager" in caplog.text
+        assert torch.equal(wrapped(x), net(x))

@@ -13,7 +13,7 @@ network's weights as loaded, the network's class, the input shape, and the torch
 reuses the file (no export); a changed checkpoint, weights, shape or torch rebuilds it. Without a checkpoint file (random
 weights) the export goes to a temporary folder for the life of the object.
 
-Where the runtime cannot run, the wrapper falls back to the network itself (eager PyTorch) and logs why once:
+Where the runtime cannot run or its first output at a shape is off (``verify``), the wrapper falls back to the network itself (eager PyTorch) and logs why once:
 ``runtime="eager"``; the optional package missing; the export or the runtime failing; training mode; an input
 that is not a float32 CPU tensor; gradients required. ``state_dict``/``load_state_dict`` are the wrapped network's
 (same keys), so checkpoints load into either object.
@@ -101,6 +101,9 @@ class RuntimeNetwork(nn.Module):
         cache_dir: folder for the cached export (default: the checkpoint's folder).
         num_threads: runtime threads (default ``torch.get_num_threads()`` at the first export).
         opset: ONNX opset of the export (default: torch's).
+        verify: on the first batch at each input shape, also run the network in eager PyTorch and compare; beyond
+            ``rtol x`` the range of the eager output, the runtime is turned off (logged) and eager PyTorch runs on.
+        rtol: the tolerance of ``verify`` (issue 16: 1e-4 of the logits' range).
     """
 
     def __init__(
@@ -111,6 +114,8 @@ class RuntimeNetwork(nn.Module):
         cache_dir: Optional[os.PathLike | str] = None,
         num_threads: Optional[int] = None,
         opset: Optional[int] = None,
+        verify: bool = True,
+        rtol: float = 1e-4,
     ) -> None:
         super().__init__()
         self.network = network
@@ -119,6 +124,9 @@ class RuntimeNetwork(nn.Module):
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.num_threads = num_threads
         self.opset = opset
+        self.verify = bool(verify)
+        self.rtol = float(rtol)
+        self.last_check: Optional[dict[str, float]] = None  # {"max_abs_diff", "range"} of the latest verification
         self._sessions: dict[tuple[int, ...], Any] = {}  # (C, *spatial) -> callable(np array) -> np array
         self._tmpdir: Optional[tempfile.TemporaryDirectory] = None
         self._disabled: Optional[str] = None  # reason the runtime is off for good
@@ -171,13 +179,31 @@ class RuntimeNetwork(nn.Module):
             self._eager_once(reason)
             return self.network(x, *args, **kwargs)
         key = tuple(int(s) for s in x.shape[1:])
+        run = self._sessions.get(key)
+        if run is not None:
+            return torch.from_numpy(run(x.detach().contiguous().numpy()))
         try:
-            run = self._sessions.get(key) or self._build(key)
+            run = self._build(key)
+            y = torch.from_numpy(run(x.detach().contiguous().numpy()))
         except Exception as e:  # export or runtime failure: eager from now on, once logged
+            self._sessions.pop(key, None)
             self._disable(f"{type(e).__name__}: {e}")
             return self.network(x)
-        y = run(x.detach().contiguous().numpy())
-        return torch.from_numpy(y)
+        if not self.verify:
+            return y
+        ref = self.network(x)
+        if not torch.is_tensor(ref) or ref.shape != y.shape:
+            self._sessions.pop(key, None)
+            self._disable(f"output {type(ref).__name__} {getattr(ref, 'shape', '')} is not one tensor of shape "
+                          f"{tuple(y.shape)}")
+            return ref
+        diff, rng = float((y - ref).abs().max()), float(ref.max() - ref.min())
+        self.last_check = {"max_abs_diff": diff, "range": rng}
+        if not diff <= self.rtol * rng:  # also NaN
+            self._sessions.pop(key, None)
+            self._disable(f"output differs from eager PyTorch by {diff:.3g} > {self.rtol:g} x range {rng:.3g} "
+                          f"(input {list(x.shape)})")
+        return ref
 
     # ---- export + cache -----------------------------------------------------------------------------------------
     def _cache_paths(self, shape: tuple[int, ...]) -> tuple[Path, bool]:
