@@ -149,3 +149,27 @@ def test_verify_falls_back_beyond_tolerance(runtime, caplog):
         assert torch.equal(y, net(x))
         assert wrapped.active_runtime == "eager" and "differs from eager" in caplog.text
         assert torch.equal(wrapped(x), net(x))
+
+
+def test_bundle_config_lines(tmp_path):
+    """The config lines proposed for a bundle's inference.json parse and wrap the network CheckpointLoader loads."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser(
+        {
+            "imports": ["$import medseg_nets"],
+            "ckpt_path": str(tmp_path / "model.pt"),
+            "network_def": {"_target_": "torch.nn.Conv3d", "in_channels": 2, "out_channels": 3, "kernel_size": 1},
+            "network": "$@network_def.to('cpu')",
+            "runtime": "eager",
+            "runtime_network": {
+                "_target_": "medseg_nets.runtime.RuntimeNetwork",
+                "network": "@network",
+                "runtime": "@runtime",
+                "ckpt_path": "@ckpt_path",
+            },
+        }
+    )
+    wrapped = parser.get_parsed_content("runtime_network")
+    assert isinstance(wrapped, RuntimeNetwork) and wrapped.network is parser.get_parsed_content("network")
+    assert wrapped.active_runtime == "eager"
