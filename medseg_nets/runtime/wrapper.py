@@ -135,7 +135,8 @@ class RuntimeNetwork(nn.Module):
         if self.runtime != "eager":
             missing = _missing_packages(self.runtime)
             if missing:
-                self._disable(f"{', '.join(missing)} not installed (pip install 'medseg-bundles[{self.runtime}]')")
+                extra = {"openvino": "openvino", "onnxruntime": "onnx"}[self.runtime]
+                self._disable(f"{', '.join(missing)} not installed (pip install -e '.[{extra}]')")
 
     # ---- the wrapped network's parameters, as if there were no wrapper -------------------------------------------
     def state_dict(self, *args, **kwargs):  # type: ignore[override]
