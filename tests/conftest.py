@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -18,6 +19,20 @@ from make_demo_data import make_case, make_dataset  # noqa: E402
 
 SHARED_DATA = ROOT.parent / "shared" / "data"
 REFERENCE_DIR = ROOT.parent / "shared" / "reference"
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run the block with ``n`` intra-op threads (tests of tiny tensors use 1: no OpenMP spin-waiting when
+    several jobs share two cores), then restore the previous number."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def load_reference(name: str) -> dict:

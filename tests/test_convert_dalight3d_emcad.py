@@ -13,15 +13,13 @@ from medseg_nets.convert import dalight3d as conv_dalight
 from medseg_nets.convert import emcad as conv_emcad
 from medseg_nets.nets import DALight3D, EMCADNet
 
-from conftest import REFERENCE_DIR, load_reference
+from conftest import REFERENCE_DIR, load_reference, torch_threads
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _two_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(previous)
+    with torch_threads(2):
+        yield
 
 
 def listing(name: str) -> dict:

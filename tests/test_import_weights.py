@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import import_weights
-from conftest import ROOT
+from conftest import ROOT, torch_threads
 from medseg_nets.convert import convert_authors_state_dict
 from medseg_nets.blocks.glims import relative_position_index
 from medseg_nets.convert import dalight3d as conv_dalight
@@ -25,10 +25,8 @@ from medseg_nets.nets.glims import GLIMS
 
 @pytest.fixture(autouse=True, scope="module")
 def _two_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(previous)
+    with torch_threads(2):
+        yield
 
 
 def to_authors_layout(sd: dict, rules) -> dict:

@@ -6,6 +6,8 @@ import hashlib
 
 import pytest
 import torch
+
+from conftest import torch_threads
 from torch.utils.flop_counter import FlopCounterMode
 
 from medseg_nets.blocks.dalight import (
@@ -22,11 +24,8 @@ from medseg_nets.nets.dalight3d import DALight3D
 
 @pytest.fixture(autouse=True, scope="module")
 def _single_thread():
-    # tiny tensors: one intra-op thread is much faster than two on a shared, busy CPU (no barrier spinning)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    with torch_threads(1):
+        yield
 
 
 SMALL = dict(base_channels=8, bottleneck_channels=32)  # widths 8/16/32/32, fast on CPU

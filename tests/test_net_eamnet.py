@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from conftest import torch_threads
 from monai.losses import DeepSupervisionLoss, DiceCELoss
 
 from medseg_nets.blocks.eamnet import CMAM, MRCF, ExternalAttention, ExternalAttentionBridge, TopKChannelSelect
@@ -15,11 +17,8 @@ FULL_PARAMS = 4_538_506  # EAMNet(in_channels=3, out_channels=1) with the defaul
 
 @pytest.fixture(autouse=True, scope="module")
 def _single_thread():
-    # several sessions share two cores: one thread avoids OpenMP spin-waiting under contention
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with torch_threads(1):
+        yield
 
 
 def _count(net: torch.nn.Module) -> int:
