@@ -9,7 +9,7 @@ ML_VENV ?= .venv-monailabel
 ML_PY := $(ML_VENV)/bin/python
 ML_STAMP := $(ML_VENV)/.medseg-installed
 
-.PHONY: demo test verify package onnx benchmark clean-demo monailabel-env monailabel-test monailabel-timing
+.PHONY: demo test verify package onnx benchmark benchmark-cases clean-demo monailabel-env monailabel-test monailabel-timing
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -56,6 +56,11 @@ onnx: $(STAMP)
 
 benchmark: $(STAMP)
 	$(PY) tools/benchmark.py --all --keep-freed-memory --out build/benchmark.md --json build/benchmark.json --plot build/benchmark.png
+
+# issue 16's table: machine peaks, cost per patch, a whole synthetic BraTS case through each BraTS bundle, goals
+# (2 threads; several minutes: three whole-case runs and the per-patch timings; the case is cached in build/bench_case)
+benchmark-cases: $(STAMP)
+	$(PY) tools/benchmark.py --cases --threads 2 --out build/benchmark_cases.md --json build/benchmark_cases.json
 
 clean-demo:
 	rm -rf demo_out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import pytest
@@ -129,3 +130,277 @@ def test_cpu_memory_worker_subprocess():
                 threads=1, plain_depthwise=False)
     mib = cpu_memory_subprocess(spec, timeout=600)
     assert isinstance(mib, float) and mib >= 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# --cases: issue 16's table (synthetic BraTS-like case, whole-case runs through the bundles, goals)
+# ---------------------------------------------------------------------------------------------------------------------
+def test_brain_case_is_a_centred_brain_zero_outside():
+    import numpy as np
+
+    from bench.case_data import BRATS_BRAIN, BRATS_FIELD, brain_case, nonzero_extent, scaled_sizes
+
+    assert scaled_sizes(1.0) == (BRATS_FIELD, BRATS_BRAIN) == ((240, 240, 155), (138, 169, 138))
+    assert scaled_sizes(0.2) == ((48, 48, 31), (28, 34, 28))
+    field, brain = (40, 44, 30), (21, 27, 19)
+    image, info = brain_case(field, brain, seed=3)
+    assert image.shape == field + (4,) and image.dtype == np.float32
+    offset = tuple((f - b) // 2 for f, b in zip(field, brain))
+    assert nonzero_extent(image) == (offset, brain)
+    assert info["extent"] == list(brain) and info["extent_start"] == list(offset) and info["field"] == list(field)
+    box = tuple(slice(o, o + b) for o, b in zip(offset, brain))
+    outside = image.copy()
+    outside[box] = 0
+    assert not outside.any()  # skull-stripped: exactly zero outside the brain's box
+    inside = np.any(image[box] != 0, axis=-1)
+    assert 0.3 < inside.mean() < 0.95  # an ellipsoid-like brain, not a filled box
+    assert image.min() >= 0 and all(image[box][..., c].max() > 0 for c in range(4))
+    with pytest.raises(ValueError, match="must fit"):
+        brain_case((20, 20, 20), (21, 10, 10))
+
+
+def test_cached_case_layouts_are_read_by_the_bundles(tmp_path):
+    """The case is written once (MSD 4-channel file and BraTS case folder), reused while its recipe is the same, and
+    each layout is what the bundles' datalists find: one case to predict."""
+    import nibabel as nib
+
+    from bench.case_data import BRATS_CASE, RECIPE_VERSION, cached_case
+    from medseg_nets.data import Datalists
+
+    case = cached_case(tmp_path, scale=0.12, seed=0)
+    field = case.info["field"]
+    assert not case.reused and field == [29, 29, 19]
+    assert nib.load(str(case.msd_file)).shape == (*field, 4)
+    modalities = sorted((case.brats_dir / BRATS_CASE).glob("*.nii.gz"))
+    assert len(modalities) == 4
+    for f in modalities:
+        img = nib.load(str(f))
+        assert img.shape == tuple(field) and img.get_data_dtype() == "int16"
+    for bundle, kind in (("dalight3d", "msd"), ("glims", "brats"), ("emcad", "brats")):
+        dataset_dir, layout = case.input_for(bundle)
+        lists = Datalists(str(dataset_dir), kind, "inference", output_dir=str(tmp_path / "out"), num_channels=4)
+        assert len(lists.lists()["test"]) == 1, (bundle, layout)
+    stamp = case.msd_file.stat().st_mtime_ns
+    again = cached_case(tmp_path, scale=0.12, seed=0)
+    assert again.reused and again.msd_file.stat().st_mtime_ns == stamp
+    (case.folder / "info.json").write_text(json.dumps(dict(case.info, recipe_version=RECIPE_VERSION - 1)))
+    assert not cached_case(tmp_path, scale=0.12, seed=0).reused  # another recipe: made again
+
+
+def _patch(bundle, model, role, latency):
+    return dict(bundle=bundle, model=model, role=role, latency_s=latency)
+
+
+def _case(wall, ok=True, mem=1000.0):
+    return dict(wall_s=wall, ok=ok, peak_rss_mib=mem, errors=[] if ok else ["prediction shape"])
+
+
+def test_goals_pass_fail_logic():
+    from bench.cases import evaluate_goals, swin_glims_ratio
+
+    patches = [_patch("glims", "GLIMS (bundle)", "bundle", 2.0), _patch("glims", "SwinUNETR", "baseline", 6.2),
+               _patch("dalight3d", "DALight3D (bundle)", "bundle", 0.8)]
+    assert swin_glims_ratio(patches) == pytest.approx(3.1)
+    cases = {"dalight3d": _case(59.0), "glims": _case(95.0), "emcad": _case(9.0, ok=False)}
+    goals = {g["key"]: g for g in evaluate_goals(patches, cases, threads=2, scale=1.0)}
+    assert goals["glims_vs_swinunetr"]["status"] == "pass" and goals["glims_vs_swinunetr"]["figure"] == "3.10x"
+    assert goals["case_dalight3d"]["status"] == "pass" and goals["case_dalight3d"]["figure"] == "59.0 s"
+    assert goals["case_glims"]["status"] == "fail"
+    assert goals["case_emcad"]["status"] == "fail"  # fast, but no prediction of the input's shape: not a pass
+    assert goals["case_peak_memory"]["status"] == "pass"
+
+    patches[1]["latency_s"] = 5.8  # 2.9x
+    cases = {"dalight3d": _case(61.0), "glims": _case(80.0, mem=None)}
+    goals = {g["key"]: g for g in evaluate_goals(patches, cases, threads=2, scale=1.0)}
+    assert goals["glims_vs_swinunetr"]["status"] == "fail"
+    assert goals["case_dalight3d"]["status"] == "fail" and goals["case_glims"]["status"] == "pass"
+    assert goals["case_emcad"]["status"] == "not measured" and goals["case_emcad"]["figure"] is None
+    assert goals["case_peak_memory"]["status"] == "fail"  # glims's peak memory missing
+
+    # scaled down or not on 2 threads: not comparable with the goals; what the figure would give is kept
+    for threads, scale in ((2, 0.25), (4, 1.0)):
+        goals = {g["key"]: g for g in evaluate_goals(patches, {"glims": _case(80.0)}, threads, scale)}
+        assert goals["case_glims"]["status"] == "n/a" and goals["case_glims"]["result"] == "pass"
+        assert goals["glims_vs_swinunetr"]["status"] == "n/a" and goals["glims_vs_swinunetr"]["result"] == "fail"
+        assert goals["case_dalight3d"]["status"] == "not measured"
+        assert "2 threads" in goals["case_glims"]["note"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--cases", "--bundle", "eamnet"], "BraTS bundles"),
+    (["--cases", "--roi", "32"], "own patch size"),
+    (["--cases", "--device", "cuda"], "measures the CPU"),
+    (["--cases", "--amp"], "float32"),
+    (["--cases", "--case-repeats", "0"], "--case-repeats"),
+    (["--cases", "--sweep"], "not allowed with"),
+    (["--runtimes", "eager,tensorrt", "--bundle", "glims"], "unknown runtime"),
+    (["--runtimes", "eager", "--bundle", "glims", "--batch", "0"], "--batch"),
+    (["--runtimes", "eager"], "--bundle NAME or --all"),
+])
+def test_mode_arguments_refused(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_mode_arguments_accepted():
+    opts = benchmark.parse_args(["--cases"])
+    assert opts.cases and opts.device == "cpu" and opts.keep_freed_memory and opts.case_repeats == 1
+    assert opts.case_dir.endswith("build/bench_case")
+    opts = benchmark.parse_args(["--cases", "--bundle", "glims", "--bundle", "emcad", "--scale", "0.5"])
+    assert opts.bundle == ["glims", "emcad"]
+    opts = benchmark.parse_args(["--runtimes", "ov,openvino,ort,eager,inductor", "--bundle", "emcad", "--batch", "32"])
+    assert opts.runtimes_list == ["eager", "ov", "ort", "compile"] and opts.batch == 32 and opts.keep_freed_memory
+
+
+def test_whole_case_command_and_environment():
+    from bench.cases import THREAD_VARS, bundle_command, child_env, engine_seconds
+    from bench.common import ROOT
+
+    cmd = bundle_command("emcad", ROOT / "d", ROOT / "w.pt", ROOT / "o", roi=(64, 64), python="py")
+    assert cmd[:4] == ["py", "-m", "monai.bundle", "run"]
+    args = dict(zip(cmd[4::2], cmd[5::2]))
+    assert args["--config_file"] == str(ROOT / "bundles" / "emcad" / "configs" / "inference.json")
+    assert args["--bundle_root"] == str(ROOT / "bundles" / "emcad") and args["--roi_size"] == "[64,64]"
+    assert args["--dataset_dir"] == str(ROOT / "d") and args["--ckpt_path"] == str(ROOT / "w.pt")
+    assert "--roi_size" not in bundle_command("glims", ROOT / "d", ROOT / "w.pt", ROOT / "o")
+    env = child_env(2, base={"PATH": "/bin", "OMP_NUM_THREADS": "16", "PYTHONPATH": "/x"})
+    assert all(env[v] == "2" for v in THREAD_VARS) and env["CUDA_VISIBLE_DEVICES"] == ""
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(ROOT), "/x"] and env["PATH"] == "/bin"
+    log = ("... Engine run finished. Time taken: 00:00:41.250\n"
+           "x - Engine run finished. Time taken: 00:01:02.500\n")
+    assert engine_seconds(log) == pytest.approx(62.5) and engine_seconds("no engine here") is None
+
+
+def test_run_child_measures_the_child_not_this_process(tmp_path):
+    """Peak memory is the command's own (not this process's, which an exec'd child would inherit in its count), the
+    exit status comes through, and a run past its time limit is killed."""
+    from bench.cases import run_child
+
+    held = bytearray(600 * 2**20)  # this process: 600 MiB resident
+    held[:: 4096] = b"x" * len(held[:: 4096])
+    env = dict(os.environ)
+    grow = "import sys; b = bytearray(150 * 2**20); b[::4096] = b'y' * len(b[::4096]); sys.exit(3)"
+    res = run_child([sys.executable, "-c", grow], env, tmp_path / "grow.log", timeout=120)
+    assert res["returncode"] == 3 and not res["timed_out"]
+    assert 150 <= res["peak_rss_mib"] < 400, res
+    assert res["cpu_s"] >= 0 and res["wall_s"] > 0
+    del held
+    res = run_child([sys.executable, "-c", "import time; print('started', flush=True); time.sleep(120)"], env,
+                    tmp_path / "slow.log", timeout=3)
+    assert res["timed_out"] and res["wall_s"] is None and res["peak_rss_mib"] is None
+    assert "started" in (tmp_path / "slow.log").read_text()
+
+
+def test_check_prediction(tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    from bench.cases import check_prediction
+
+    assert "found 0" in check_prediction(tmp_path, (4, 5, 6))["error"]
+    nib.save(nib.Nifti1Image(np.zeros((4, 5, 6), np.uint8), np.eye(4)), tmp_path / "case_seg.nii.gz")
+    (tmp_path / "datalist_split.json").write_text("{}")
+    ok = check_prediction(tmp_path, (4, 5, 6))
+    assert ok["ok"] and ok["shape"] == [4, 5, 6] and ok["dtype"] == "uint8" and ok["error"] is None
+    bad = check_prediction(tmp_path, (4, 5, 7))
+    assert not bad["ok"] and "not the input's" in bad["error"]
+
+
+def test_cases_tiny_run(tmp_path):
+    """The whole --cases mode at a tiny scale on one bundle: peaks, the patch row, the bundle's inference.json run on
+    the synthetic case in a fresh process (prediction of the input's shape), goals marked not applicable."""
+    md, js = tmp_path / "cases.md", tmp_path / "cases.json"
+    report = benchmark.main(["--cases", "--bundle", "dalight3d", "--threads", "1", "--scale", "0.15", "--repeats", "1",
+                             "--warmup", "0", "--case-dir", str(tmp_path / "work"), "--out", str(md),
+                             "--json", str(js)])
+    text = md.read_text()
+    for head in ("- Date:", "- Machine: CPU", "torch threads 1", "at start [", "- Versions: torch",
+                 "- Command: `python tools/benchmark.py --cases --bundle dalight3d", "**Sizes changed**"):
+        assert head in text, head
+    table = _table(text)
+    assert table[0] == ["network (bundle's inference path)", "patch", "GFLOPs", "latency", "GFLOP/s",
+                        "whole 4x36x36x23 case", "whole-case peak RSS"]
+    row = table[2]
+    assert row[0] == "DALight-3D" and row[1] == "32^3" and row[5].endswith(" s") and row[6].endswith(" MiB")
+    assert "% of the conv peak" in row[4]
+
+    saved = json.loads(js.read_text())
+    assert saved["peaks"]["threads"] == 1
+    assert saved["peaks"]["matmul_gflops_per_s"] > 0 and saved["peaks"]["conv3d_gflops_per_s"] > 0
+    assert saved["case"]["info"]["field"] == [36, 36, 23] and saved["case"]["info"]["extent"] == [21, 25, 21]
+    case = saved["cases"]["dalight3d"]
+    assert case["ok"] and case["errors"] == [] and case["prediction"]["shape"] == [36, 36, 23]
+    assert case["peak_rss_mib"] > 50 and case["engine_s"] is not None
+    assert case["env"]["OMP_NUM_THREADS"] == "1" and "--roi_size '[32,32,32]'" in case["command"]
+    assert [g["status"] for g in saved["goals"]] == ["not measured", "n/a", "not measured", "not measured", "n/a"]
+    assert report["patches"][0]["gflops"] > 0 and len(report["patches"][0]["latencies_s"]) == 1
+    assert (tmp_path / "work" / "logs" / "dalight3d_run1.log").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# --runtimes (was tools/bench_runtimes.py)
+# ---------------------------------------------------------------------------------------------------------------------
+def test_parse_runtimes():
+    from bench.runtimes import parse_runtimes
+
+    assert parse_runtimes("ov,ort") == ["eager", "ov", "ort"]  # eager always, first: the reference
+    assert parse_runtimes("onnxruntime, openvino,eager,ov") == ["eager", "ort", "ov"]
+    with pytest.raises(ValueError, match="unknown runtime 'tvm'"):
+        parse_runtimes("eager,tvm")
+
+
+def _tiny_net():
+    import torch
+    import torch.nn as nn
+
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), nn.InstanceNorm3d(4, affine=True), nn.PReLU(),
+                         nn.Conv3d(4, 3, 1)).eval()
+
+
+def test_time_runtimes_onnx_runtimes(tmp_path):
+    """ONNX Runtime and OpenVINO through RuntimeNetwork: one export, shared; outputs within issue 16's tolerance."""
+    import torch
+
+    from bench.runtimes import time_runtimes
+    from medseg_nets.runtime import available_runtimes
+
+    wanted = [r for r, name in (("ort", "onnxruntime"), ("ov", "openvino")) if name in available_runtimes()]
+    if not wanted:
+        pytest.skip("neither onnxruntime nor openvino is installed")
+    x = torch.randn(1, 2, 8, 8, 8, generator=torch.Generator().manual_seed(1))
+    rows = {r["runtime"]: r for r in time_runtimes(_tiny_net(), x, ["eager", *wanted], 2, 1, tmp_path)}
+    assert list(rows) == ["eager", *wanted]
+    assert rows["eager"]["max_abs_diff"] == 0 and rows["eager"]["speedup"] == pytest.approx(1.0)
+    for name in wanted:
+        r = rows[name]
+        assert r["error"] is None and len(r["times_s"]) == 2 and r["median_s"] > 0
+        assert r["diff_over_range"] < 1e-4
+    assert rows[wanted[0]]["export_reused"] is False
+    if len(wanted) == 2:
+        assert rows[wanted[1]]["export_reused"] is True  # the second runtime reads the first one's export
+
+
+def test_time_runtimes_missing_package(tmp_path, monkeypatch):
+    import torch
+
+    from bench.runtimes import time_runtimes
+    from medseg_nets.runtime import wrapper
+
+    monkeypatch.setattr(wrapper, "_missing_packages", lambda runtime: [runtime])
+    rows = time_runtimes(_tiny_net(), torch.randn(1, 2, 8, 8, 8), ["eager", "ov"], 1, 1, tmp_path)
+    assert rows[0]["runtime"] == "eager" and len(rows[0]["times_s"]) == 1
+    assert rows[1]["error"].startswith("openvino not installed") and rows[1]["times_s"] == []
+    assert rows[1]["median_s"] is None and rows[1]["speedup"] is None
+
+
+def test_runtimes_mode_report(tmp_path):
+    md = tmp_path / "rt.md"
+    report = benchmark.main(["--runtimes", "eager", "--bundle", "dalight3d", "--roi", "16", "--repeats", "1",
+                             "--threads", "1", "--out", str(md)])
+    (res,) = report["runtimes"]
+    assert res["network"] == "DALight3D (bundle)" and res["input_shape"] == [1, 4, 16, 16, 16]
+    assert [r["runtime"] for r in res["rows"]] == ["eager"] and len(res["rows"][0]["times_s"]) == 1
+    text = md.read_text()
+    assert "# medseg-bundles inference runtimes" in text and "| DALight3D (bundle), 1x4x16x16x16 | eager |" in text

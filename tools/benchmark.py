@@ -20,7 +20,20 @@ and output channels. Per model (and per batch size) it measures:
 
 Output: a Markdown table (stdout and ``--out``) whose header gives the date, machine, versions and the exact
 command; optionally a JSON file with every raw figure (``--json``) and a plot of time against GFLOPs (``--plot``).
-``--sweep`` and ``--profile`` write their own report, under the same header, instead of the table.
+``--sweep``, ``--profile``, ``--cases`` and ``--runtimes`` write their own report, under the same header, instead of
+the table:
+
+- ``--cases``: issue 16's table in one command: the machine's peaks (fp32 matmul, dense 3x3x3 Conv3d GFLOP/s), each
+  network at its bundle's patch size (GFLOPs, latency, GFLOP/s and share of the conv peak; GLIMS beside MONAI
+  SwinUNETR(48) in the same run) and each BraTS bundle's own ``configs/inference.json`` on a whole synthetic
+  BraTS-like case (4 x 240 x 240 x 155, zero outside a 138 x 169 x 138 brain; made once, cached under
+  ``--case-dir``) by ``python -m monai.bundle run`` in a fresh process on ``--threads`` threads: wall time, peak
+  resident set, the prediction's shape checked; then the issue's goals, pass or fail (``tools/bench/cases.py``);
+- ``--runtimes eager,ort,ov,compile``: the bundle's network under eager PyTorch, ONNX Runtime and OpenVINO (through
+  ``medseg_nets.runtime.RuntimeNetwork``) and torch.compile, timed interleaved, with each output's difference from
+  eager (``tools/bench/runtimes.py``).
+
+Both measure as the bundles run: on the CPU, glibc malloc keeping freed memory (``--keep-freed-memory`` implied).
 
 Usage:
     python tools/benchmark.py --bundle dalight3d                       # CPU or CUDA, picked automatically
@@ -30,6 +43,11 @@ Usage:
     python tools/benchmark.py --bundle glims --profile                 # time by kind of layer and by operator
     python tools/benchmark.py --bundle glims --sweep                   # whole volume under other inference settings
     python tools/benchmark.py --bundle glims --keep-freed-memory       # CPU allocator as the bundles' configs set it
+    python tools/benchmark.py --cases --threads 2 --out build/benchmark_cases.md --json build/benchmark_cases.json
+    python tools/benchmark.py --cases --threads 2 --scale 0.2 --repeats 1      # the same, tiny (a minute), to try it
+    python tools/benchmark.py --runtimes eager,ort,ov --bundle glims --threads 2          # GLIMS 1x4x96^3
+    python tools/benchmark.py --runtimes eager,ov --bundle glims --baselines SwinUNETR --threads 2   # and SwinUNETR
+    python tools/benchmark.py --runtimes eager,ort,ov --bundle emcad --batch 32 --threads 2         # 32x4x256^2
 
 CPU is slow: with 2 cores a 64^3 sliding window over 240x240x155 (196 windows) takes minutes per model. Use
 ``--skip-volume`` to leave the whole-volume column out, ``--baselines`` to run a subset, and ``--threads`` to fix
@@ -57,12 +75,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the bench package, when imported from elsewhere
 
-from bench.common import log  # noqa: E402
+from bench.cases import CASE_BUNDLES, run_cases  # noqa: E402
+from bench.common import ROOT, log  # noqa: E402
 from bench.measure import run_comparison  # noqa: E402
 from bench.memory import memory_worker  # noqa: E402
 from bench.profile import run_profile  # noqa: E402
 from bench.registry import BASELINES, BUNDLES, SkipEntry, resolve_entry  # noqa: E402
 from bench.report import machine_info  # noqa: E402
+from bench.runtimes import parse_runtimes, run_runtimes  # noqa: E402
 from bench.sweep import run_sweep  # noqa: E402
 from medseg_nets.utils import keep_freed_memory  # noqa: E402
 
@@ -97,10 +117,33 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--fallback-nets", action="store_true",
                    help="for entries without a bundle folder, instantiate the medseg_nets.nets class with the "
                         "registry's documented defaults instead of skipping")
-    p.add_argument("--sweep", action="store_true",
-                   help="instead of the comparison: whole-volume time of each bundle network under other inference "
-                        "settings (sliding-window batch, inference_mode, channels-last, AMP) and how much each "
-                        "changes the output")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--sweep", action="store_true",
+                      help="instead of the comparison: whole-volume time of each bundle network under other inference "
+                           "settings (sliding-window batch, inference_mode, channels-last, AMP) and how much each "
+                           "changes the output")
+    mode.add_argument("--cases", action="store_true",
+                      help="instead of the comparison: issue 16's table (machine peaks; GFLOPs, latency, GFLOP/s per "
+                           "patch of GLIMS, SwinUNETR(48), DALight-3D, EMCAD; a whole synthetic BraTS case through "
+                           "each BraTS bundle's inference.json in a fresh process) and its goals; CPU only; "
+                           f"--bundle picks among {', '.join(CASE_BUNDLES)} (default: all three)")
+    mode.add_argument("--runtimes", default=None, metavar="LIST",
+                      help="instead of the comparison: time each bundle network (and the --baselines named) under "
+                           "these runtimes, interleaved: comma-separated among eager, ort (ONNX Runtime), ov "
+                           "(OpenVINO), compile (torch.compile); CPU only")
+    mode.add_argument("--profile", action="store_true",
+                      help="instead of the table: where one forward of each bundle's network spends its time, by "
+                           "kind of layer (forward hooks) and by operator (torch.profiler)")
+    p.add_argument("--batch", type=int, default=1, help="--runtimes: batch size of the input (e.g. 32: EMCAD's "
+                                                        "SliceInferer batch)")
+    p.add_argument("--case-dir", default=str(ROOT / "build" / "bench_case"),
+                   help="--cases: where the synthetic case (cached, reused), the random-weight checkpoints, the "
+                        "predictions and the runs' logs go")
+    p.add_argument("--case-repeats", type=int, default=1, help="--cases: runs of each bundle on the whole case "
+                                                               "(median wall time)")
+    p.add_argument("--case-timeout", type=float, default=3600.0,
+                   help="--cases: seconds after which a whole-case run is killed")
+    p.add_argument("--case-seed", type=int, default=0, help="--cases: seed of the synthetic case")
     p.add_argument("--sweep-batches", default="1,2,4,8,16",
                    help="sliding-window batch sizes tried by --sweep besides the bundle's own (comma-separated)")
     p.add_argument("--sweep-no-amp", action="store_true",
@@ -108,20 +151,40 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         "native bfloat16)")
     p.add_argument("--plain-depthwise", action="store_true",
                    help="run DepthwiseConv3d layers as plain nn.Conv3d (their channels-last CPU path off), to compare")
-    p.add_argument("--profile", action="store_true",
-                   help="instead of the table: where one forward of each bundle's network spends its time, by kind of "
-                        "layer (forward hooks) and by operator (torch.profiler)")
     p.add_argument("--plot", default=None,
                    help="also draw a PNG of latency and whole-volume time against GFLOPs for every model measured")
     p.add_argument("--out", default=None, help="write the Markdown table here")
     p.add_argument("--json", default=None, help="write every raw figure here")
     p.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.memory_worker is None and not args.bundle and not args.all:
+    if args.memory_worker is None and not args.bundle and not args.all and not args.cases:
         p.error("give --bundle NAME or --all")
     args.sweep_batches = tuple(int(b) for b in args.sweep_batches.split(",") if b.strip())
     if args.repeats < 1 or args.volume_repeats < 1 or args.warmup < 0:
         p.error("--repeats and --volume-repeats must be >= 1, --warmup >= 0")
+    if args.cases or args.runtimes is not None:
+        name = "--cases" if args.cases else "--runtimes"
+        if args.device == "cuda":
+            p.error(f"{name} measures the CPU (issue 16's goals are on 2 CPU threads); leave --device out")
+        args.device = "cpu"
+        args.keep_freed_memory = True  # as the bundles run (their configs' initialize)
+        if args.amp:
+            p.error(f"{name} measures float32, as the bundles run on the CPU; leave --amp out")
+    if args.cases:
+        wrong = sorted(set(args.bundle or []) - set(CASE_BUNDLES))
+        if wrong:
+            p.error(f"--cases runs the BraTS bundles {', '.join(CASE_BUNDLES)}; not {', '.join(wrong)}")
+        if args.roi or args.volume:
+            p.error("--cases uses each bundle's own patch size and the BraTS case size (--scale shrinks both)")
+        if args.case_repeats < 1 or args.case_timeout <= 0:
+            p.error("--case-repeats must be >= 1, --case-timeout > 0")
+    if args.runtimes is not None:
+        try:
+            args.runtimes_list = parse_runtimes(args.runtimes)
+        except ValueError as e:
+            p.error(f"--runtimes: {e}")
+        if args.batch < 1:
+            p.error("--batch must be >= 1")
     return args
 
 
@@ -147,9 +210,19 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         if unknown:
             raise SystemExit(f"unknown baselines {unknown}; known: {', '.join(BASELINES)}")
 
+    if opts.cases:
+        bundles = [b for b in CASE_BUNDLES if not opts.bundle or b in opts.bundle]
+        meta = machine_info(device)
+        meta.update(command="python tools/benchmark.py " + shlex.join(argv), amp=False, repeats=opts.repeats,
+                    warmup=opts.warmup, scale=opts.scale, roi=None, volume=None,
+                    keep_freed_memory=opts.keep_freed_memory, plain_depthwise=opts.plain_depthwise)
+        return run_cases(bundles, opts, meta)
+
     roi = [int(v) for v in opts.roi.split(",")] if opts.roi else None
     volume = [int(v) for v in opts.volume.split(",")] if opts.volume else None
     names = list(BUNDLES) if opts.all else list(dict.fromkeys(opts.bundle))
+    if opts.runtimes is not None and baselines is None:
+        baselines = []  # --runtimes: the bundles' networks alone, unless --baselines names some
     entries, skipped = [], []
     for name in names:
         try:
@@ -169,6 +242,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         return run_sweep(entries, skipped, device, opts, meta)
     if opts.profile:
         return run_profile(entries, skipped, device, opts, meta)
+    if opts.runtimes is not None:
+        return run_runtimes(entries, skipped, opts, meta)
     return run_comparison(entries, skipped, device, opts, meta)
 
 

@@ -35,6 +35,22 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+#: the CPU features that decide which kernels oneDNN and the BLAS use (the report lists those present)
+_CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
+
+
+def _cpu_flags() -> list[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("flags"):
+                    present = set(line.split(":", 1)[1].split())
+                    return [flag for flag in _CPU_FLAGS if flag in present]
+    except OSError:
+        pass
+    return []
+
+
 def machine_info(device: torch.device) -> dict[str, Any]:
     import monai
 
@@ -47,8 +63,8 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         medseg_version = "?"
     return dict(
         date=datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-        cpu=_cpu_model(), logical_cpus=os.cpu_count(), torch_threads=torch.get_num_threads(), gpu=gpu,
-        device=str(device), torch=torch.__version__, monai=monai.__version__, medseg_nets=medseg_version,
+        cpu=_cpu_model(), cpu_flags=_cpu_flags(), logical_cpus=os.cpu_count(), torch_threads=torch.get_num_threads(),
+        gpu=gpu, device=str(device), torch=torch.__version__, monai=monai.__version__, medseg_nets=medseg_version,
         python=platform.python_version(), platform=platform.platform(), load_start=loadavg(),
     )
 
