@@ -25,6 +25,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.blocks import ChannelSELayer
 
+from medseg_nets.blocks.cpu import PointwiseConv3d
+from medseg_nets.blocks.depthwise import DepthwiseConv3d
+
 __all__ = [
     "check_identifier",
     "IdentifierConditionedNorm",
@@ -189,10 +192,8 @@ class SeparableConv3d(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3) -> None:
         super().__init__()
-        self.depthwise = nn.Conv3d(
-            in_channels, in_channels, kernel_size, padding=kernel_size // 2, groups=in_channels, bias=False
-        )
-        self.pointwise = nn.Conv3d(in_channels, out_channels, 1, bias=False)
+        self.depthwise = DepthwiseConv3d(in_channels, kernel_size, bias=False)
+        self.pointwise = PointwiseConv3d(in_channels, out_channels, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pointwise(self.depthwise(x))
@@ -317,7 +318,7 @@ class DALightResBlock(nn.Module):
         )
         self.proj: nn.Module = (
             nn.Sequential(
-                nn.Conv3d(in_channels, out_channels, 1, bias=False), nn.GroupNorm(num_groups, out_channels)
+                PointwiseConv3d(in_channels, out_channels, bias=False), nn.GroupNorm(num_groups, out_channels)
             )
             if in_channels != out_channels
             else nn.Identity()
@@ -412,10 +413,10 @@ class SSFB(nn.Module):
         super().__init__()
         hidden = max(channels // gate_reduction, min_hidden)
         self.scale = float(rank) ** -0.5
-        self.query = nn.Conv3d(channels, rank, 1)
-        self.key = nn.Conv3d(channels, rank, 1)
-        self.value = nn.Conv3d(channels, channels, 1)
-        self.out = nn.Conv3d(channels, channels, 1)
+        self.query = PointwiseConv3d(channels, rank)
+        self.key = PointwiseConv3d(channels, rank)
+        self.value = PointwiseConv3d(channels, channels)
+        self.out = PointwiseConv3d(channels, channels)
         self.gate = nn.Sequential(nn.Linear(2 * channels, hidden), nn.GELU(), nn.Linear(hidden, channels), nn.Sigmoid())
         self.blend = nn.Parameter(torch.tensor([0.5]))
         self.fuse = ConcatFusion(channels, num_groups, decoder_first=True)

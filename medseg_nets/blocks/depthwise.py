@@ -57,29 +57,38 @@ def to_ndhwc(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 4, 1).contiguous()
 
 
-def from_ndhwc(y: torch.Tensor) -> torch.Tensor:
+def from_ndhwc(y: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Contiguous ``(N, D, H, W, C)`` -> contiguous ``(N, C, D, H, W)``. Copied sample by sample as a 2D transpose:
-    on CPU that is about three times faster than ``permute(...).contiguous()`` of the whole batch."""
+    on CPU that is about three times faster than ``permute(...).contiguous()`` of the whole batch.
+
+    ``out``: write into this ``(N, C, D, H, W)`` tensor instead (each sample contiguous, e.g. a channel slice of a
+    larger buffer, so that results meant to be concatenated are written in place) and return it."""
     n, d, h, w, c = y.shape
-    out = torch.empty((n, c, d * h * w), dtype=y.dtype, device=y.device)
+    if out is None:
+        out = torch.empty((n, c, d, h, w), dtype=y.dtype, device=y.device)
     for i in range(n):
-        out[i].copy_(y[i].reshape(d * h * w, c).t())
-    return out.view(n, c, d, h, w)
+        out[i].view(c, d * h * w).copy_(y[i].reshape(d * h * w, c).t())
+    return out
 
 
 def depthwise_conv3d_ndhwc(
-    xl: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], dilation: int
+    xl: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    dilation: int,
+    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Depth-wise convolution of a contiguous ``(N, D, H, W, C)`` tensor with a cubic kernel ``weight`` ``(C, 1, k,
     k, k)`` (``k`` odd), stride 1 and 'same' zero padding ``dilation * (k // 2)``; returns contiguous ``(N, C, D,
-    H, W)``, equal to ``F.conv3d(x, weight, bias, padding=dilation * (k // 2), dilation=dilation, groups=C)``.
+    H, W)``, equal to ``F.conv3d(x, weight, bias, padding=dilation * (k // 2), dilation=dilation, groups=C)``
+    (written into ``out`` when given, see :func:`from_ndhwc`).
     """
     n, d0, h0, w0, c = xl.shape
     k = int(weight.shape[2])
     dil = int(dilation)
     if dil == 1:
         y = F.conv3d(xl.permute(0, 4, 1, 2, 3), weight, bias, padding=k // 2, groups=c)
-        return from_ndhwc(y.permute(0, 2, 3, 4, 1).contiguous())
+        return from_ndhwc(y.permute(0, 2, 3, 4, 1).contiguous(), out)
     pads: List[int] = [(dil - s % dil) % dil for s in (d0, h0, w0)]
     if pads[0] > 0 or pads[1] > 0 or pads[2] > 0:
         xl = F.pad(xl, [0, 0, 0, pads[2], 0, pads[1], 0, pads[0]])
@@ -100,7 +109,7 @@ def depthwise_conv3d_ndhwc(
     y = y.reshape(n, d * dil, h * dil, w * dil, c)
     if pads[0] > 0 or pads[1] > 0 or pads[2] > 0:
         y = y[:, :d0, :h0, :w0, :]
-    return from_ndhwc(y.contiguous())
+    return from_ndhwc(y.contiguous(), out)
 
 
 class DepthwiseConv3d(nn.Conv3d):
@@ -139,10 +148,18 @@ class DepthwiseConv3d(nn.Conv3d):
         return self._conv_forward(x, self.weight, self.bias)
 
 
+    @torch.jit.export
+    def forward_ndhwc(self, x_ndhwc: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The CPU path on an input already laid out as contiguous ``(N, D, H, W, C)``, written into ``out`` when
+        given (see :func:`depthwise_conv3d_ndhwc`); returns contiguous ``(N, C, D, H, W)``."""
+        return depthwise_conv3d_ndhwc(x_ndhwc, self.weight, self.bias, self.dilation[0], out)
+
+
 def set_cpu_fast_path(model: nn.Module, enabled: bool) -> int:
-    """Turn the CPU path of every :class:`DepthwiseConv3d` in ``model`` on or off (off: plain ``nn.Conv3d``, e.g. to
-    compare); returns how many layers were set."""
-    layers = [m for m in model.modules() if isinstance(m, DepthwiseConv3d)]
+    """Turn the CPU path of every layer of ``model`` that has one (:class:`DepthwiseConv3d`, and
+    :class:`~medseg_nets.blocks.cpu.PointwiseConv3d` / :class:`~medseg_nets.blocks.cpu.InstanceNorm3d`) on or off
+    (off: the plain PyTorch layer, e.g. to compare); returns how many layers were set."""
+    layers = [m for m in model.modules() if isinstance(getattr(m, "cpu_fast_path", None), bool)]
     for m in layers:
         m.cpu_fast_path = bool(enabled)
     return len(layers)

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from medseg_nets.blocks.cpu import InstanceNorm3d, PointwiseConv3d
 from medseg_nets.blocks.depthwise import DepthwiseConv3d, to_ndhwc, use_cpu_fast_path
 
 __all__ = [
@@ -50,13 +51,17 @@ def conv_in_prelu(
     in_channels: int, out_channels: int, kernel_size: int = 1, stride: int = 1, transposed: bool = False
 ) -> nn.Sequential:
     """``Conv (bias) -> InstanceNorm (no affine) -> PReLU (1 parameter)``; kernel 1 or ``kernel == stride``
-    (no padding). ``transposed`` builds a transposed convolution (up-sampling by ``stride``)."""
+    (no padding). ``transposed`` builds a transposed convolution (up-sampling by ``stride``). Kernel-1 convolutions
+    and the norm are :class:`~medseg_nets.blocks.cpu.PointwiseConv3d` and :class:`~medseg_nets.blocks.cpu.
+    InstanceNorm3d` (``nn.Conv3d`` / ``nn.InstanceNorm3d`` with faster CPU forwards, same parameters and keys)."""
     conv: nn.Module
     if transposed:
         conv = nn.ConvTranspose3d(in_channels, out_channels, kernel_size, stride=stride)
+    elif kernel_size == 1 and stride == 1:
+        conv = PointwiseConv3d(in_channels, out_channels)
     else:
         conv = nn.Conv3d(in_channels, out_channels, kernel_size, stride=stride)
-    return nn.Sequential(conv, nn.InstanceNorm3d(out_channels), nn.PReLU())
+    return nn.Sequential(conv, InstanceNorm3d(out_channels), nn.PReLU())
 
 
 class DACB(nn.Module):
@@ -70,8 +75,11 @@ class DACB(nn.Module):
     ``y = PReLU(IN(P_2(P_1([Z_1, Z_2, Z_3])) + x))``, ``P_i = PReLU(IN(Conv_{1x1x1}(.)))``.
 
     The shape is preserved. ``E = embed_channels`` (GLIMS uses ``2C`` everywhere). The depth-wise convolutions are
-    :class:`~medseg_nets.blocks.depthwise.DepthwiseConv3d` (``nn.Conv3d`` with a faster CPU path, same numbers); on
-    CPU the branches share one channels-last copy of ``x``.
+    :class:`~medseg_nets.blocks.depthwise.DepthwiseConv3d` (``nn.Conv3d`` with a faster CPU path, same numbers). On
+    CPU the branches share one channels-last copy of ``x``, write their convolutions straight into the concatenated
+    ``3C``-channel map, and their three per-channel GroupNorms and one-parameter PReLUs run as one GroupNorm with
+    ``3C`` groups and one per-channel PReLU over that map (the same per-channel arithmetic, one pass each instead of
+    three plus the concatenation's copy).
 
     ``spare_act``: the reference implementation builds one more PReLU in every DACB that its forward never uses
     (1 parameter). It is reproduced, frozen (``requires_grad=False``) so that it cannot trouble
@@ -104,13 +112,39 @@ class DACB(nn.Module):
         )
         self.embed = conv_in_prelu(len(dilations) * channels, embed)
         self.project = conv_in_prelu(embed, channels)
-        self.norm = nn.InstanceNorm3d(channels)
+        self.norm = InstanceNorm3d(channels)
         self.act = nn.PReLU()
+        self.cpu_fast_path = True  # the fused CPU path of the branches (needs theirs on too)
+        self.branch_eps = float(self.branches[0][1].eps)  # the branches' GroupNorm eps (all built alike)
         if spare_act:
             self.spare_act = nn.PReLU()
             self.spare_act.weight.requires_grad_(False)
 
+    def _fused_branches(self, x: torch.Tensor) -> torch.Tensor:
+        """CPU path of the branches: ``[Z_1, Z_2, Z_3]`` computed into one buffer (see the class docstring)."""
+        n, c, d, h, w = x.shape
+        k = len(self.branches)
+        z = x.new_empty((n, k * c, d, h, w))
+        xl = to_ndhwc(x)
+        gn_w: List[torch.Tensor] = []
+        gn_b: List[torch.Tensor] = []
+        act_w: List[torch.Tensor] = []
+        for i, branch in enumerate(self.branches):
+            conv, gn, act = branch[0], branch[1], branch[2]
+            conv.forward_ndhwc(xl, z[:, i * c : (i + 1) * c])
+            gn_w.append(gn.weight)
+            gn_b.append(gn.bias)
+            act_w.append(act.weight.expand(c))
+        z = F.group_norm(z, k * c, torch.cat(gn_w), torch.cat(gn_b), self.branch_eps)
+        return F.prelu(z, torch.cat(act_w))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = self.cpu_fast_path and x.is_contiguous() and use_cpu_fast_path(x)
+        for branch in self.branches:
+            fused = fused and bool(branch[0].cpu_fast_path)
+        if fused:
+            y = self.embed(self._fused_branches(x))
+            return self.act(self.norm(self.project(y) + x))
         feats: List[torch.Tensor] = []
         xl: Optional[torch.Tensor] = None  # x laid out channels-last once for the branches' CPU path
         for branch in self.branches:

@@ -9,6 +9,7 @@ from typing import List, Optional
 import torch
 import torch.nn as nn
 
+from medseg_nets.blocks.cpu import PointwiseConv3d
 from medseg_nets.blocks.dalight import ConcatFusion, DALightResBlock, SSFB, check_identifier
 
 __all__ = ["DALight3D"]
@@ -180,7 +181,7 @@ class DALight3D(nn.Module):
             nn.Conv3d(widths[0], head_channels, 3, padding=1, bias=False),
             nn.GroupNorm(num_groups, head_channels),
             nn.GELU(),
-            nn.Conv3d(head_channels, out_channels, 1),
+            PointwiseConv3d(head_channels, out_channels),
         )
 
     def _check_input(self, x: torch.Tensor) -> None:

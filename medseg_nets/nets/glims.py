@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from medseg_nets.blocks.cpu import PointwiseConv3d
 from medseg_nets.blocks.glims import (
     CSAB,
     DMSFBlock,
@@ -209,9 +210,9 @@ class GLIMS(nn.Module):
         )
         # decoders[0]: 16F -> 8F (d4), decoders[1]: 8F -> 4F (d3), decoders[2]: 4F -> 2F (d2), decoders[3]: -> F
         self.decoders = nn.ModuleList([DMSUBlock(widths[i + 1], widths[i]) for i in range(3, -1, -1)])
-        self.out = nn.Conv3d(widths[0], out_channels, kernel_size=1)
+        self.out = PointwiseConv3d(widths[0], out_channels)
         # deep-supervision heads on d2 (2F), d3 (4F), d4 (8F)
-        self.ds_heads = nn.ModuleList([nn.Conv3d(widths[i], out_channels, kernel_size=1) for i in (1, 2, 3)])
+        self.ds_heads = nn.ModuleList([PointwiseConv3d(widths[i], out_channels) for i in (1, 2, 3)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 5:
