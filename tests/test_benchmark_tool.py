@@ -127,7 +127,7 @@ def test_cpu_memory_worker_subprocess():
     from bench.memory import cpu_memory_subprocess
 
     spec = dict(bundle="dalight3d", model="SegResNet", fallback_nets=False, shape=[1, 4, 16, 16, 16], amp=False,
-                threads=1, plain_depthwise=False)
+                threads=1, plain_layers=False)
     mib = cpu_memory_subprocess(spec, timeout=600)
     assert isinstance(mib, float) and mib >= 0
 

@@ -149,8 +149,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--sweep-no-amp", action="store_true",
                    help="leave the autocast variants out of --sweep (bfloat16 autocast is slow on CPUs without "
                         "native bfloat16)")
-    p.add_argument("--plain-depthwise", action="store_true",
-                   help="run DepthwiseConv3d layers as plain nn.Conv3d (their channels-last CPU path off), to compare")
+    p.add_argument("--plain-layers", "--plain-depthwise", dest="plain_layers", action="store_true",
+                   help="run the layers with a CPU fast path (DepthwiseConv3d, PointwiseConv3d, InstanceNorm3d, GLIMS's "
+                        "fused DACB branches) as the plain PyTorch layers, to compare (--plain-depthwise: its old "
+                        "name)")
     p.add_argument("--plot", default=None,
                    help="also draw a PNG of latency and whole-volume time against GFLOPs for every model measured")
     p.add_argument("--out", default=None, help="write the Markdown table here")
@@ -215,7 +217,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         meta = machine_info(device)
         meta.update(command="python tools/benchmark.py " + shlex.join(argv), amp=False, repeats=opts.repeats,
                     warmup=opts.warmup, scale=opts.scale, roi=None, volume=None,
-                    keep_freed_memory=opts.keep_freed_memory, plain_depthwise=opts.plain_depthwise)
+                    keep_freed_memory=opts.keep_freed_memory, plain_layers=opts.plain_layers)
         return run_cases(bundles, opts, meta)
 
     roi = [int(v) for v in opts.roi.split(",")] if opts.roi else None
@@ -237,7 +239,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     meta.update(command="python tools/benchmark.py " + shlex.join(argv), amp=opts.amp, repeats=opts.repeats,
                 warmup=opts.warmup, volume_repeats=opts.volume_repeats, skip_volume=opts.skip_volume,
                 scale=opts.scale, memory=opts.memory, roi=opts.roi, volume=opts.volume,
-                keep_freed_memory=opts.keep_freed_memory, plain_depthwise=opts.plain_depthwise)
+                keep_freed_memory=opts.keep_freed_memory, plain_layers=opts.plain_layers)
     if opts.sweep:
         return run_sweep(entries, skipped, device, opts, meta)
     if opts.profile:

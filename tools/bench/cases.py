@@ -123,7 +123,7 @@ def measure_patches(bundles: Sequence[str], opts: argparse.Namespace, conv_peak:
         try:
             torch.manual_seed(0)
             model = FirstOutput(spec.build()).eval()
-            set_cpu_fast_path(model, not opts.plain_depthwise)
+            set_cpu_fast_path(model, not opts.plain_layers)
             row["params"] = sum(p.numel() for p in model.parameters())
             x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
             with torch.inference_mode():

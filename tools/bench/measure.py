@@ -28,7 +28,7 @@ def measure_model(entry: Entry, spec: ModelSpec, device: torch.device, opts: arg
     """All measurements of one model of ``entry``: one result dict per batch size."""
     torch.manual_seed(0)
     model = FirstOutput(spec.build()).eval()
-    set_cpu_fast_path(model, not opts.plain_depthwise)
+    set_cpu_fast_path(model, not opts.plain_layers)
     params = sum(p.numel() for p in model.parameters())
     model = model.to(device)
     results = []
@@ -72,7 +72,7 @@ def measure_model(entry: Entry, spec: ModelSpec, device: torch.device, opts: arg
                     res["peak_mem_mib"] = cpu_memory_subprocess(dict(
                         bundle=entry.bundle, model=spec.name, fallback_nets=opts.fallback_nets, shape=list(shape),
                         amp=opts.amp, threads=torch.get_num_threads(),
-                        plain_depthwise=opts.plain_depthwise))
+                        plain_layers=opts.plain_layers))
                 log(f"  {spec.name} batch {batch}: peak forward memory {res['peak_mem_mib']:.0f} MiB")
             except Exception as e:  # noqa: BLE001
                 res["errors"].append(f"memory: {type(e).__name__}: {short(e)}")

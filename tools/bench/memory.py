@@ -78,7 +78,7 @@ def memory_worker(spec_json: str) -> None:
     torch.manual_seed(0)
     entry = resolve_entry(spec["bundle"], spec["fallback_nets"], [spec["model"]])
     model = FirstOutput(next(m for m in entry.models if m.name == spec["model"]).build()).eval()
-    set_cpu_fast_path(model, not spec.get("plain_depthwise", False))
+    set_cpu_fast_path(model, not spec.get("plain_layers", False))
     mib = cpu_forward_peak_rss_mib(model, spec["shape"], spec["amp"])
     print("MEMORY_RESULT " + json.dumps({"peak_mib": mib}), flush=True)
 

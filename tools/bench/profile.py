@@ -90,7 +90,7 @@ def run_profile(entries: list[Entry], skipped: list[str], device: torch.device, 
         log(f"{entry.bundle}: profiling one forward of {spec.name} at {entry.roi}")
         torch.manual_seed(0)
         model = FirstOutput(spec.build()).eval().to(device)
-        set_cpu_fast_path(model, not opts.plain_depthwise)
+        set_cpu_fast_path(model, not opts.plain_layers)
         x = torch.randn(1, entry.in_channels, *entry.roi, device=device)
         with autocast(device, opts.amp):
             rows, total, table = profile_layers(model, x, device)

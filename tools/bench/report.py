@@ -98,7 +98,7 @@ def _header_lines(meta: dict[str, Any], title: str = "# medseg-bundles benchmark
         + (" (other processes shared the CPU: timings are inflated and noisy)"
            if meta["load_start"] and meta["load_end"] and max(meta["load_start"][0], meta["load_end"][0])
            > 1.25 * (meta["logical_cpus"] or 1) else ""),
-        *(["- Depth-wise convolutions: plain nn.Conv3d (`--plain-depthwise`)"] if meta.get("plain_depthwise") else []),
+        *(["- CPU fast-path layers off: plain PyTorch layers (`--plain-layers`)"] if meta.get("plain_layers") else []),
         "- CPU allocator (timings): " + ("glibc malloc keeps freed memory for reuse (`--keep-freed-memory`, as the "
                                          "bundles run)" if meta.get("keep_freed_memory") else "process default"),
         f"- Versions: torch {meta['torch']}, monai {meta['monai']}, medseg_nets {meta['medseg_nets']}, "

@@ -182,7 +182,7 @@ def run_runtimes(entries: list[Entry], skipped: list[str], opts: argparse.Namesp
             try:
                 torch.manual_seed(0)
                 net = FirstOutput(spec.build()).eval()
-                set_cpu_fast_path(net, not opts.plain_depthwise)
+                set_cpu_fast_path(net, not opts.plain_layers)
             except Exception as e:  # noqa: BLE001
                 res["error"] = f"{type(e).__name__}: {short(e)}"
                 log(f"  not built: {res['error']}")

@@ -80,13 +80,13 @@ def speed_sweep(entry: Entry, device: torch.device, opts: argparse.Namespace) ->
     rows: list[dict[str, Any]] = []
     ref_logits = ref_labels = None
     # the plain depth-wise row only where it differs from the reference row
-    depthwise = set_cpu_fast_path(net, not opts.plain_depthwise) > 0 and not opts.plain_depthwise
+    depthwise = set_cpu_fast_path(net, not opts.plain_layers) > 0 and not opts.plain_layers
     variants = sweep_variants(entry, device, amp_allowed=not opts.sweep_no_amp, batches=opts.sweep_batches,
                               depthwise=depthwise)
     # contiguous variants first: channels-last converts the weights in place
     variants.sort(key=lambda v: v["channels_last"])
     for v in variants:
-        set_cpu_fast_path(net, v["depthwise_fast"] and not opts.plain_depthwise)
+        set_cpu_fast_path(net, v["depthwise_fast"] and not opts.plain_layers)
         model = ChannelsLast(net, entry.dims) if v["channels_last"] else FirstOutput(net)
         e = Entry(**{**entry.__dict__, "sw_batch_size": v["sw_batch_size"]})
         inferer = make_inferer(e, device)
