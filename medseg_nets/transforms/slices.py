@@ -1,25 +1,27 @@
 """Training a 2D network on slices of 3D volumes, with MONAI's own transforms.
 
 A 2D bundle (e.g. EMCAD on BraTS) loads a whole volume, preprocesses it in 3D (orientation, spacing, intensity), and
-then cuts ``num_samples`` slices from it with MONAI's ``RandCropByPosNegLabeld`` (tumour-biased choice of the slice
-and, when the plane is larger than the network input, of the in-plane window), using a crop whose size is 1 along
-the slice axis, followed by ``SqueezeDimd`` on that axis::
+then cuts ``num_samples`` one-slice volumes from it with MONAI's ``RandCropByPosNegLabeld`` (tumour-biased choice of
+the slice and, when the plane is larger than the crop, of the in-plane window), using a crop whose size is 1 along
+the slice axis. The samples stay 3D, ``(C, H, W, 1)`` for ``slice_axis=2``, and are augmented in plane by MONAI's 3D
+transforms with ranges that leave the slice axis alone::
 
     SpatialPadd(spatial_size=slice_roi_size(roi, axis))
     RandCropByPosNegLabeld(spatial_size=slice_roi_size(roi, axis), num_samples=N, ...)
-    SqueezeDimd(dim=slice_channel_dim(axis))          # (C, H, W, 1) -> (C, H, W)
+    RandFlipd(spatial_axis=in_plane_axes(axis)[0]), RandFlipd(spatial_axis=in_plane_axes(axis)[1])
+    RandAffined(rotate_range=slice_rotate_range(r, axis), scale_range=in_plane_range(s, axis), ...)
 
-At inference MONAI's ``SliceInferer(roi_size=roi, spatial_dim=axis)`` runs the 2D network on every slice of the
-volume along the same axis (with sliding windows in plane when the plane is larger than ``roi``). After
-``Orientationd(axcodes="RAS")`` the axial axis is 2 (inferior -> superior). These helpers keep the two in step from one
-``roi_size`` and one ``slice_axis`` config entry.
+The network takes them as volumes of one slice (``EMCADNet(slice_axis=axis)``: slices along ``axis`` go through its
+2D forward), and the same network takes whole volumes at validation and inference. After
+``Orientationd(axcodes="RAS")`` the axial axis is 2 (inferior -> superior). These helpers keep the crop and the
+augmentation in step with one ``roi_size`` and one ``slice_axis`` config entry.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["slice_roi_size", "slice_channel_dim"]
+__all__ = ["slice_roi_size", "in_plane_axes", "in_plane_range", "slice_rotate_range"]
 
 
 def _check_axis(slice_axis: int) -> int:
@@ -42,7 +44,22 @@ def slice_roi_size(roi_size: Sequence[int], slice_axis: int = 2) -> list[int]:
     return roi[:axis] + [1] + roi[axis:]
 
 
-def slice_channel_dim(slice_axis: int = 2) -> int:
-    """The dimension of a channel-first ``(C, X, Y, Z)`` tensor to squeeze after a one-slice crop along
-    ``slice_axis`` (``SqueezeDimd(dim=...)``): ``slice_axis + 1``."""
-    return _check_axis(slice_axis) + 1
+def in_plane_axes(slice_axis: int = 2) -> list[int]:
+    """The two spatial axes of a slice perpendicular to ``slice_axis`` (for ``RandFlipd(spatial_axis=...)``):
+    ``in_plane_axes(2) == [0, 1]``, ``in_plane_axes(0) == [1, 2]``."""
+    axis = _check_axis(slice_axis)
+    return [a for a in (0, 1, 2) if a != axis]
+
+
+def in_plane_range(value: float, slice_axis: int = 2) -> list[float]:
+    """A per-axis range of a 3D random transform that acts in plane only: ``value`` on the two in-plane axes, 0 on
+    ``slice_axis`` (e.g. ``RandAffined(scale_range=...)``: no scaling across slices)."""
+    axis = _check_axis(slice_axis)
+    return [0.0 if a == axis else float(value) for a in (0, 1, 2)]
+
+
+def slice_rotate_range(value: float, slice_axis: int = 2) -> list[float]:
+    """``RandAffined(rotate_range=...)`` for a rotation within the slice plane only: in 3D, MONAI's i-th angle
+    rotates about spatial axis i, so ``value`` about ``slice_axis`` and 0 about the two others."""
+    axis = _check_axis(slice_axis)
+    return [float(value) if a == axis else 0.0 for a in (0, 1, 2)]
