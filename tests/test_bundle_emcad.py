@@ -18,6 +18,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 from monai.bundle import run as bundle_run
+from monai.inferers import SliceInferer
 
 from conftest import ROOT, assert_resumed, run_cli
 from make_demo_data import make_brats_dataset
@@ -25,7 +26,13 @@ from make_demo_data import make_brats_dataset
 from medseg_nets import InputDataError
 from medseg_nets.utils import input_errors
 from medseg_nets.nets.pvtv2 import adapt_input_conv_weight, pvt_v2_b0
-from medseg_nets.transforms.slices import in_plane_axes, in_plane_range, slice_roi_size, slice_rotate_range
+from medseg_nets.transforms.slices import (
+    in_plane_axes,
+    in_plane_range,
+    slice_roi_size,
+    slice_rotate_range,
+    slice_sigma_scale,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:parsing config_file:UserWarning")
 
@@ -244,6 +251,33 @@ def test_slice_sampling_gives_tumour_biased_one_slice_volumes(brats_dir, tmp_pat
         assert s["image"].shape == (4, 64, 64, 1) and s["label"].shape == (3, 64, 64, 1)
         assert s["label"][1].sum() > 0  # pos:neg 1:0 -> every slice shows tumour (WT)
         assert bool((s["label"][0] <= s["label"][1]).all()) and bool((s["label"][2] <= s["label"][0]).all())
+
+
+def test_volume_inference_equals_the_slice_inferer_it_replaces():
+    """inference.json (and the validation of train.json) run the volume through the slice-wise network in in-plane
+    windows of roi_size holding every slice; version 0.1.2 ran the 2D network with MONAI's SliceInferer. Same
+    windows, same padding, same blending: the same logits (bit for bit when a plane fits one window, where both batch
+    the same slices; up to the round-off of differently batched kernels when the plane is tiled)."""
+    assert slice_roi_size([64, 48], 2, depth=-1) == [64, 48, -1] and slice_roi_size([64, 48], 0, -1) == [-1, 64, 48]
+    assert slice_sigma_scale(0.125, 2) == [0.125, 0.125, float("inf")]
+    with pytest.raises(ValueError):
+        slice_roi_size([64, 64], 2, depth=0)
+    torch.manual_seed(0)
+    for config in (str(CFG / "inference.json"), str(CFG / "train.json")):
+        parser = _parse(config, **{"network_def#encoder": "pvt_v2_b0", "roi_size": [64, 64]})
+        net = parser.get_parsed_content("network_def").eval()
+        inferer = parser.get_parsed_content("inferer" if "inference" in config else "validate#inferer")
+        before = SliceInferer(roi_size=[64, 64], spatial_dim=2, sw_batch_size=32, overlap=0.25, mode="gaussian")
+        for shape in ((1, 4, 40, 50, 5), (1, 4, 90, 70, 3)):  # padded to the roi; tiled by overlapping windows
+            x = torch.randn(shape)
+            with torch.no_grad():
+                y = inferer(x, net)
+                assert y.shape == (1, 3, *shape[2:])
+                expected = before(x, net)
+            if shape[2] <= 64 and shape[3] <= 64:
+                assert torch.equal(y, expected), (config, shape)
+            else:
+                torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
 
 
 def test_missing_modality_is_a_clear_error_before_any_output(brats_dir, tmp_path):

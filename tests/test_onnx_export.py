@@ -142,7 +142,7 @@ def test_export_tool_default_input_shape():
     b = ROOT / "bundles"
     assert export_onnx.default_input_shape(b / "dalight3d") == [1, 4, 64, 64, 64]  # roi_size
     assert export_onnx.default_input_shape(b / "glims") == [1, 4, 96, 96, 96]
-    assert export_onnx.default_input_shape(b / "emcad") == [1, 4, 32, 32, 1]  # spatial_shape ["32*n", "32*n", "*"]
+    assert export_onnx.default_input_shape(b / "emcad") == [1, 4, 256, 256]
     assert export_onnx.default_input_shape(b / "eamnet") == [1, 3, 256, 256]  # image_size (whole image)
 
 

@@ -12,7 +12,10 @@ transforms with ranges that leave the slice axis alone::
     RandAffined(rotate_range=slice_rotate_range(r, axis), scale_range=in_plane_range(s, axis), ...)
 
 The network takes them as volumes of one slice (``EMCADNet(slice_axis=axis)``: slices along ``axis`` go through its
-2D forward), and the same network takes whole volumes at validation and inference. After
+2D forward), and the same network takes whole volumes at validation and inference, through MONAI's
+``SlidingWindowInferer(roi_size=slice_roi_size(roi, axis, -1), sigma_scale=slice_sigma_scale(0.125, axis))``:
+in-plane windows of the training size (a smaller plane is zero-padded to it, a larger one tiled with overlapping
+windows blended in plane), each window holding every slice. After
 ``Orientationd(axcodes="RAS")`` the axial axis is 2 (inferior -> superior). These helpers keep the crop and the
 augmentation in step with one ``roi_size`` and one ``slice_axis`` config entry.
 """
@@ -21,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["slice_roi_size", "in_plane_axes", "in_plane_range", "slice_rotate_range"]
+__all__ = ["slice_roi_size", "slice_sigma_scale", "in_plane_axes", "in_plane_range", "slice_rotate_range"]
 
 
 def _check_axis(slice_axis: int) -> int:
@@ -31,17 +34,31 @@ def _check_axis(slice_axis: int) -> int:
     return axis
 
 
-def slice_roi_size(roi_size: Sequence[int], slice_axis: int = 2) -> list[int]:
-    """The 3D crop size that cuts one slice of in-plane size ``roi_size`` perpendicular to ``slice_axis``.
+def slice_roi_size(roi_size: Sequence[int], slice_axis: int = 2, depth: int = 1) -> list[int]:
+    """The 3D size of ``depth`` slices of in-plane size ``roi_size`` perpendicular to ``slice_axis``.
 
-    ``slice_roi_size([256, 256], 2) == [256, 256, 1]`` (axial slices of a RAS volume),
-    ``slice_roi_size([256, 192], 0) == [1, 256, 192]``.
+    ``slice_roi_size([256, 256], 2) == [256, 256, 1]`` (a one-slice training crop of a RAS volume),
+    ``slice_roi_size([256, 192], 0) == [1, 256, 192]``; ``depth=-1``: every slice, the sliding-window size that
+    MONAI's ``SlidingWindowInferer`` reads as "the whole axis" (``[256, 256, -1]``: in-plane windows of
+    ``roi_size``, each one a stack of all the slices, for a network that takes volumes slice by slice).
     """
     roi = [int(s) for s in roi_size]
     if len(roi) != 2 or min(roi) < 1:
         raise ValueError(f"roi_size must be two positive in-plane sizes, got {list(roi_size)!r}")
+    if int(depth) != -1 and int(depth) < 1:
+        raise ValueError(f"depth must be a positive number of slices or -1 (all), got {depth!r}")
     axis = _check_axis(slice_axis)
-    return roi[:axis] + [1] + roi[axis:]
+    return roi[:axis] + [int(depth)] + roi[axis:]
+
+
+def slice_sigma_scale(sigma_scale: float = 0.125, slice_axis: int = 2) -> list[float]:
+    """``SlidingWindowInferer(mode="gaussian", sigma_scale=...)`` for windows that hold every slice
+    (:func:`slice_roi_size` with ``depth=-1``): ``sigma_scale`` in plane and an infinite sigma (a flat weight of
+    exactly 1) along ``slice_axis``, so that overlapping windows blend in plane only, with the same weights as
+    MONAI's ``SliceInferer`` gives each slice's 2D windows (a finite sigma along the slice axis would change them
+    where MONAI clamps small weights)."""
+    axis = _check_axis(slice_axis)
+    return [float("inf") if a == axis else float(sigma_scale) for a in (0, 1, 2)]
 
 
 def in_plane_axes(slice_axis: int = 2) -> list[int]:
