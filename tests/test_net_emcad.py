@@ -189,10 +189,13 @@ def test_volume_equals_the_2d_network_on_each_padded_slice(slice_nets) -> None:
                 padded = F.pad(x[b : b + 1, :, :, :, z], [left, 64 - 50 - left, top, 64 - 40 - top])
                 expected = net2d(padded)[0, :, top : top + 40, left : left + 50]
                 assert torch.equal(y[b, :, :, :, z], expected), (b, z)  # one slice a chunk: the same computation
-        # several slices a chunk: the same maps up to the round-off of batched kernels
-        net3d.slice_batch = 4
+        # several slices a chunk (the bundle runs 8): the same maps up to the round-off of batched kernels, within
+        # 1e-4 of the logits' range
+        span = float(y.max() - y.min())
         try:
-            torch.testing.assert_close(net3d(x), y, rtol=1e-5, atol=1e-5)
+            for slice_batch in (4, 8, 0):
+                net3d.slice_batch = slice_batch
+                assert float((net3d(x) - y).abs().max()) <= 1e-4 * span, slice_batch
             heads = net3d.forward_heads(x)
         finally:
             net3d.slice_batch = 1

@@ -26,13 +26,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from medseg_nets.blocks.emcad import EUCB, LGAG, MSCAM, SAB
-from medseg_nets.nets.slicewise import slices_to_volume, volume_to_slices
 from medseg_nets.nets.pvtv2 import (
     PVT_V2_CONFIGS,
     PretrainedLoadResult,
     PyramidVisionTransformerV2,
     load_pvtv2_pretrained,
 )
+from medseg_nets.nets.slicewise import slices_to_volume, volume_to_slices
 
 __all__ = ["EMCADDecoder", "EMCADNet", "EMCAD"]
 
@@ -170,6 +170,7 @@ class EMCADNet(nn.Module):
     ``(B, out_channels, X, Y, Z)`` maps (:mod:`medseg_nets.nets.slicewise`). Each slice's output equals the 2D
     network's output on that padded slice, cropped. The option adds no parameter: ``state_dict`` keys are the same
     with and without it.
+
     The module scripts with ``torch.jit.script``. With the authors' weights converted by
     :mod:`medseg_nets.convert.emcad` (and their ``activation``), the four heads equal the authors' outputs
     (``tests/test_convert_dalight3d_emcad.py``).
