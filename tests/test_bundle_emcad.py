@@ -18,6 +18,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 from monai.bundle import run as bundle_run
+from monai.inferers import SliceInferer
 
 from conftest import ROOT, assert_resumed, run_cli
 from make_demo_data import make_brats_dataset
@@ -25,19 +26,25 @@ from make_demo_data import make_brats_dataset
 from medseg_nets import InputDataError
 from medseg_nets.utils import input_errors
 from medseg_nets.nets.pvtv2 import adapt_input_conv_weight, pvt_v2_b0
-from medseg_nets.transforms.slices import slice_channel_dim, slice_roi_size
+from medseg_nets.transforms.slices import (
+    in_plane_axes,
+    in_plane_range,
+    slice_roi_size,
+    slice_rotate_range,
+    slice_sigma_scale,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:parsing config_file:UserWarning")
 
 BUNDLE = ROOT / "bundles" / "emcad"
 CFG = BUNDLE / "configs"
 META = ["--meta_file", str(CFG / "metadata.json"), "--logging_file", str(CFG / "logging.conf")]
-NET = ["--network_def#encoder", "pvt_v2_b0", "--roi_size", "[64,64]", "--sw_batch_size", "16", "--num_workers", "0"]
+NET = ["--network_def#encoder", "pvt_v2_b0", "--roi_size", "[64,64]", "--slice_batch", "16", "--num_workers", "0"]
 # 2 training volumes x 1 volume per batch = 2 iterations per epoch, 2 slices drawn from each volume
 FAST = [*NET, "--val_fraction", "0.5", "--val_interval", "1", "--batch_size", "1", "--num_samples", "2"]
 SIZE = (32, 32, 16)
 # the same overrides for configs run in this process (monai.bundle.run: what `python -m monai.bundle run` calls)
-NET_KW = {"network_def#encoder": "pvt_v2_b0", "roi_size": [64, 64], "sw_batch_size": 16, "num_workers": 0}
+NET_KW = {"network_def#encoder": "pvt_v2_b0", "roi_size": [64, 64], "slice_batch": 16, "num_workers": 0}
 FAST_KW = {**NET_KW, "val_fraction": 0.5, "val_interval": 1, "batch_size": 1, "num_samples": 2}
 
 
@@ -223,20 +230,54 @@ def test_pretrained_pvtv2_weights_from_a_local_file(tmp_path):
     assert "unexpected keys (1): block1.2.attn.q.weight" in err
 
 
-def test_slice_sampling_gives_tumour_biased_2d_samples(brats_dir, tmp_path):
+def test_slice_sampling_gives_tumour_biased_one_slice_volumes(brats_dir, tmp_path):
     assert slice_roi_size([256, 256], 2) == [256, 256, 1] and slice_roi_size([64, 48], 0) == [1, 64, 48]
-    assert slice_channel_dim(2) == 3
     with pytest.raises(ValueError):
         slice_roi_size([256, 256, 1], 2)
+    # in-plane augmentation of one-slice volumes: flips along the two other axes, rotation about the slice axis only
+    # (MONAI's i-th 3D angle rotates about axis i), no scaling across slices
+    assert in_plane_axes(2) == [0, 1] and in_plane_axes(0) == [1, 2] and in_plane_axes(1) == [0, 2]
+    assert slice_rotate_range(0.3, 2) == [0.0, 0.0, 0.3] and slice_rotate_range(0.3, 0) == [0.3, 0.0, 0.0]
+    assert in_plane_range(0.1, 2) == [0.1, 0.1, 0.0] and in_plane_range(0.1, 1) == [0.1, 0.0, 0.1]
+    with pytest.raises(ValueError):
+        in_plane_axes(3)
     parser = _parse(str(CFG / "train.json"), dataset_dir=str(brats_dir), output_dir=str(tmp_path), roi_size=[64, 64],
                     num_samples=4, pos_neg_ratio=[1, 0], num_workers=0, rotate_range=0.0, scale_range=0.0)
     item = parser.get_parsed_content("datalists")["training"][0]
     samples = parser.get_parsed_content("train#preprocessing").set_random_state(seed=0)(item)
     assert len(samples) == 4
     for s in samples:
-        assert s["image"].shape == (4, 64, 64) and s["label"].shape == (3, 64, 64)  # 2D slices, TC/WT/ET targets
+        # one axial slice each, kept as a volume of depth 1 for the slice-wise network; TC/WT/ET targets
+        assert s["image"].shape == (4, 64, 64, 1) and s["label"].shape == (3, 64, 64, 1)
         assert s["label"][1].sum() > 0  # pos:neg 1:0 -> every slice shows tumour (WT)
         assert bool((s["label"][0] <= s["label"][1]).all()) and bool((s["label"][2] <= s["label"][0]).all())
+
+
+def test_volume_inference_equals_the_slice_inferer_it_replaces():
+    """inference.json (and the validation of train.json) run the volume through the slice-wise network in in-plane
+    windows of roi_size holding every slice; version 0.1.2 ran the 2D network with MONAI's SliceInferer. Same
+    windows, same padding, same blending: the same logits (bit for bit when a plane fits one window, where both batch
+    the same slices; up to the round-off of differently batched kernels when the plane is tiled)."""
+    assert slice_roi_size([64, 48], 2, depth=-1) == [64, 48, -1] and slice_roi_size([64, 48], 0, -1) == [-1, 64, 48]
+    assert slice_sigma_scale(0.125, 2) == [0.125, 0.125, float("inf")]
+    with pytest.raises(ValueError):
+        slice_roi_size([64, 64], 2, depth=0)
+    torch.manual_seed(0)
+    for config in (str(CFG / "inference.json"), str(CFG / "train.json")):
+        parser = _parse(config, **{"network_def#encoder": "pvt_v2_b0", "roi_size": [64, 64]})
+        net = parser.get_parsed_content("network_def").eval()
+        inferer = parser.get_parsed_content("inferer" if "inference" in config else "validate#inferer")
+        before = SliceInferer(roi_size=[64, 64], spatial_dim=2, sw_batch_size=32, overlap=0.25, mode="gaussian")
+        for shape in ((1, 4, 40, 50, 5), (1, 4, 90, 70, 3)):  # padded to the roi; tiled by overlapping windows
+            x = torch.randn(shape)
+            with torch.no_grad():
+                y = inferer(x, net)
+                assert y.shape == (1, 3, *shape[2:])
+                expected = before(x, net)
+            if shape[2] <= 64 and shape[3] <= 64:
+                assert torch.equal(y, expected), (config, shape)
+            else:
+                torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
 
 
 def test_missing_modality_is_a_clear_error_before_any_output(brats_dir, tmp_path):

@@ -323,7 +323,7 @@ def _assert_stopped(proc, *expected: str) -> None:
     ("dalight3d", ["--roi_size", "[16,16,16]"], {}),
     ("glims", ["--roi_size", "[32,32,32]", "--sw_batch_size", "1", "--network_def#feature_size", "3"],
      {"network_def#feature_size": 3}),
-    ("emcad", ["--roi_size", "[32,32]", "--network_def#encoder", "pvt_v2_b0"], {"network_def#encoder": "pvt_v2_b0"}),
+    ("emcad", ["--network_def#encoder", "pvt_v2_b0"], {"network_def#encoder": "pvt_v2_b0"}),
 ])
 def test_cli_inference_on_a_plain_folder_of_4_channel_volumes(bundle, extra, net, tmp_path):
     folder = tmp_path / "my scans"

@@ -53,7 +53,7 @@ SMALL = {
     "dalight3d": {"roi_size": [32, 32, 32], "sw_overlap": 0.25, "sw_batch_size": 2, "num_workers": 0, "val_interval": 2,
                   "network_def#base_channels": 8, "network_def#bottleneck_channels": 32},
     "glims": {"roi_size": [32, 32, 32], "sw_batch_size": 2, "num_workers": 0, "network_def#feature_size": 3},
-    "emcad": {"roi_size": [64, 64], "sw_batch_size": 16, "num_workers": 0, "network_def#encoder": "pvt_v2_b0"},
+    "emcad": {"roi_size": [64, 64], "slice_batch": 16, "num_workers": 0, "network_def#encoder": "pvt_v2_b0"},
     "eamnet": {"num_workers": 0},
     "glims_btcv": {"roi_size": [32, 32, 32], "sw_batch_size": 2, "num_workers": 0, "network_def#feature_size": 3},
 }
@@ -212,8 +212,9 @@ def test_info_names_the_label_map_values(info, name):
     assert model["labels"] == _metadata_labels(name)
     assert set(model["labels"].values()) == LABEL_VALUES[name]
     assert name in info["trainers"]
-    if name != "emcad":  # known, open: emcad reports 2 (its metadata input is the 2D network's); see README
-        assert model["dimension"] == (2 if name == "eamnet" else 3)
+    # MONAI Label takes the dimension from metadata inputs.image.spatial_shape: 3 for the volume bundles, emcad
+    # included (its network takes volumes and runs its 2D forward slice by slice), 2 for the photo bundle
+    assert model["dimension"] == (2 if name == "eamnet" else 3)
 
 
 def _infer(server: Server, name: str, image_id: str) -> tuple[bytes, float]:

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from monai.inferers import SlidingWindowInferer, SliceInferer
 from monai.losses import DiceCELoss
 from torch.utils.flop_counter import FlopCounterMode
@@ -160,6 +161,89 @@ def test_monai_inferers(b0_net: EMCADNet) -> None:
         assert sw(torch.randn(1, 1, 96, 64), net).shape == (1, 9, 96, 64)
         sl = SliceInferer(roi_size=(64, 64), sw_batch_size=2, spatial_dim=2)
         assert sl(torch.randn(1, 1, 64, 64, 2), net).shape == (1, 9, 64, 64, 2)
+
+
+# ------------------------------------------------------------------------------------------------ volumes (slice_axis)
+@pytest.fixture(scope="module")
+def slice_nets() -> tuple[EMCADNet, EMCADNet]:
+    """The 2D network and the same weights with ``slice_axis=2`` (4 sequences in, 3 regions out, as the bundle)."""
+    torch.manual_seed(6)
+    net2d = EMCADNet(in_channels=4, out_channels=3, encoder="b0", input_adapter="patch_embed").eval()
+    net3d = EMCADNet(in_channels=4, out_channels=3, encoder="b0", input_adapter="patch_embed", slice_axis=2,
+                     slice_batch=1).eval()
+    assert list(net3d.state_dict()) == list(net2d.state_dict())  # the option adds no parameter or buffer
+    net3d.load_state_dict(net2d.state_dict())
+    return net2d, net3d
+
+
+def test_volume_equals_the_2d_network_on_each_padded_slice(slice_nets) -> None:
+    net2d, net3d = slice_nets
+    torch.manual_seed(7)
+    x = torch.randn(2, 4, 40, 50, 3)  # in-plane 40 x 50: zero-padded (centred) to 64 x 64, cropped back
+    top, left = 12, 7
+    with torch.no_grad():
+        y = net3d(x)
+        assert y.shape == (2, 3, 40, 50, 3)
+        for b in range(2):
+            for z in range(3):
+                padded = F.pad(x[b : b + 1, :, :, :, z], [left, 64 - 50 - left, top, 64 - 40 - top])
+                expected = net2d(padded)[0, :, top : top + 40, left : left + 50]
+                assert torch.equal(y[b, :, :, :, z], expected), (b, z)  # one slice a chunk: the same computation
+        # several slices a chunk (the bundle runs 8): the same maps up to the round-off of batched kernels, within
+        # 1e-4 of the logits' range
+        span = float(y.max() - y.min())
+        try:
+            for slice_batch in (4, 8, 0):
+                net3d.slice_batch = slice_batch
+                assert float((net3d(x) - y).abs().max()) <= 1e-4 * span, slice_batch
+            heads = net3d.forward_heads(x)
+        finally:
+            net3d.slice_batch = 1
+        assert len(heads) == 4 and all(h.shape == (2, 3, 40, 50, 3) for h in heads)
+        torch.testing.assert_close(heads[-1], y, rtol=1e-5, atol=1e-5)
+        # a 4D input is a batch of slices: exactly the 2D network (no padding added)
+        s = torch.randn(2, 4, 40, 50)
+        assert torch.equal(net3d(s), net2d(s))
+        # slices along axis 0 of the transposed volume: the same slices, the same outputs
+        net0 = EMCADNet(in_channels=4, out_channels=3, encoder="b0", input_adapter="patch_embed", slice_axis=0,
+                        slice_batch=1).eval()
+        net0.load_state_dict(net2d.state_dict())
+        assert torch.equal(net0(x.permute(0, 1, 4, 2, 3)), y.permute(0, 1, 4, 2, 3))
+    with pytest.raises(ValueError, match="slice_axis=None"):
+        net2d(x)
+    with pytest.raises(ValueError):
+        EMCADNet(in_channels=4, out_channels=3, encoder="b0", slice_axis=3)
+
+
+def test_volume_agrees_with_slice_inferer_when_the_padding_is_the_same(slice_nets) -> None:
+    """The bundle's previous inference (MONAI's SliceInferer, 2D network, one ROI window per slice, zero-padded to
+    the ROI) and the slice-wise network compute the same maps when the ROI is the plane's padded size."""
+    net2d, net3d = slice_nets
+    torch.manual_seed(8)
+    x = torch.randn(1, 4, 40, 50, 5)  # padded to 64 x 64 by both
+    inferer = SliceInferer(roi_size=(64, 64), spatial_dim=2, sw_batch_size=3, overlap=0.25, mode="gaussian")
+    with torch.no_grad():
+        torch.testing.assert_close(net3d(x), inferer(x, net2d), rtol=1e-5, atol=1e-5)
+
+
+def test_volume_training_mode_and_torchscript(slice_nets) -> None:
+    _, net3d = slice_nets
+    torch.manual_seed(9)
+    x = torch.randn(3, 4, 64, 64, 1)  # the bundle's training samples: one-slice volumes
+    scripted = torch.jit.script(net3d)
+    with torch.no_grad():
+        v = torch.randn(1, 4, 40, 50, 3)
+        torch.testing.assert_close(scripted(v), net3d(v), rtol=1e-5, atol=1e-5)
+    net3d.train()
+    try:
+        outs = net3d(x)
+        assert isinstance(outs, list) and [o.shape for o in outs] == [(3, 3, 64, 64, 1)] * 4
+        target = (torch.rand(3, 3, 64, 64, 1) > 0.5).float()
+        MutationLoss(sigmoid=True)(outs, target).backward()
+        assert net3d.encoder.patch_embed1.proj.weight.grad is not None
+    finally:
+        net3d.zero_grad(set_to_none=True)
+        net3d.eval()
 
 
 # ------------------------------------------------------------------------------------------------ pretrained loader

@@ -21,7 +21,7 @@ exist in this repository, so that is the usual case and only proves that the exp
 Input shape (``--input-shape B C ...``), by default ``1 x num_channels`` of ``metadata.json``
 (``network_data_format``) ``x`` the spatial size the bundle feeds the network: ``roi_size`` (sliding-window patch)
 or ``image_size`` (whole resized image) of ``inference.json``, else the metadata's ``spatial_shape`` with
-``n = --n`` (e.g. ``"32*n"``).
+``n = --n`` (e.g. ``"32*n"``; a ``"*"`` dimension, any size, takes ``n`` too).
 
 Usage:
     python tools/export_onnx.py bundles/dalight3d                   # -> onnx_out/dalight3d.onnx
@@ -110,7 +110,9 @@ def default_input_shape(bundle: Path, n: int = 1, overrides: Optional[dict[str, 
             spatial = [int(s) for s in value]
             break
     if spatial is None:
-        spatial = [int(eval(str(s), {"__builtins__": {}}, {"n": n})) for s in spec["spatial_shape"]]  # "8*n"
+        # "8*n" with n; "*" (any size) takes n
+        spatial = [n if str(s) == "*" else int(eval(str(s), {"__builtins__": {}}, {"n": n}))
+                   for s in spec["spatial_shape"]]
     return [1, int(spec["num_channels"]), *spatial]
 
 

@@ -89,6 +89,8 @@ def synthetic_input(bundle_root: Path, net_args: dict[str, Any]):
     for s in image["spatial_shape"]:
         if isinstance(s, int):
             spatial.append(s)
+        elif str(s) == "*":  # any size (e.g. the number of slices of a volume): a small one
+            spatial.append(2)
         else:  # "k*n": the smallest multiple of k that is at least 32
             k = int(str(s).split("*")[0])
             spatial.append(k * max(1, -(-32 // k)))

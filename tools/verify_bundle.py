@@ -121,8 +121,9 @@ def check_properties(bundle: Path) -> list[str]:
 
 
 def _spatial_shape(meta: dict, n: int) -> list[int]:
+    """The declared input shape with ``n`` (e.g. ``"8*n"``); ``"*"`` (any size, the Zoo's wildcard) takes ``n``."""
     spec = meta["network_data_format"]["inputs"]["image"]
-    return [int(eval(str(s), {"n": n})) for s in spec["spatial_shape"]]  # e.g. "8*n"
+    return [n if str(s) == "*" else int(eval(str(s), {"n": n})) for s in spec["spatial_shape"]]
 
 
 def check_net_in_out(bundle: Path, n: int) -> list[str]:

@@ -32,6 +32,7 @@ from medseg_nets.nets.pvtv2 import (
     PyramidVisionTransformerV2,
     load_pvtv2_pretrained,
 )
+from medseg_nets.nets.slicewise import slices_to_volume, volume_to_slices
 
 __all__ = ["EMCADDecoder", "EMCADNet", "EMCAD"]
 
@@ -150,12 +151,26 @@ class EMCADNet(nn.Module):
         drop_rate: encoder dropout.
         attn_drop_rate: encoder attention dropout.
         head_upsample_mode: interpolation of the head outputs to the input size ("bilinear").
+        slice_axis: ``None`` (default): a 2D network, ``(B, in_channels, H, W)`` inputs only. 0, 1 or 2: the network
+            also takes ``(B, in_channels, X, Y, Z)`` volumes and runs its 2D forward on every slice along that
+            spatial axis (see below); 4D inputs keep the 2D behaviour.
+        slice_batch: with ``slice_axis``, the most slices run through the 2D network at once in eval mode (bounds the
+            memory of a whole volume; ``< 1``: all at once). In training mode every slice goes in one batch, so the
+            BatchNorm statistics are those of the 2D network on the same slices.
 
     Forward: a ``(B, in_channels, H, W)`` tensor. For ``H, W`` multiples of 32 every upsampling is an exact 2x as in
     the reference; other sizes also work (each EUCB resizes to its skip's size, the encoder rounds sizes up). In
     training mode it returns the list of the four head outputs ``[p4, p3, p2, p1]`` (deepest first, all
     ``(B, out_channels, H, W)``); in eval mode only ``p1`` (the shallowest head, the last produced) as a tensor.
     :meth:`forward_heads` returns the four heads in either mode (the authors' ``forward(x, mode='test')``).
+
+    With ``slice_axis`` set, a ``(B, in_channels, X, Y, Z)`` volume is cut into its slices along that axis (moved into
+    the batch), each slice is zero-padded (centred) to multiples of 32, the network's total stride, run through the
+    same 2D forward (``slice_batch`` slices at a time in eval mode), cropped back, and the slices are stacked into
+    ``(B, out_channels, X, Y, Z)`` maps (:mod:`medseg_nets.nets.slicewise`). Each slice's output equals the 2D
+    network's output on that padded slice, cropped. The option adds no parameter: ``state_dict`` keys are the same
+    with and without it.
+
     The module scripts with ``torch.jit.script``. With the authors' weights converted by
     :mod:`medseg_nets.convert.emcad` (and their ``activation``), the four heads equal the authors' outputs
     (``tests/test_convert_dalight3d_emcad.py``).
@@ -179,10 +194,16 @@ class EMCADNet(nn.Module):
         drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
         head_upsample_mode: str = "bilinear",
+        slice_axis: Optional[int] = None,
+        slice_batch: int = 32,
     ) -> None:
         super().__init__()
         if input_adapter not in ("conv", "patch_embed"):
             raise ValueError(f"input_adapter must be 'conv' or 'patch_embed', got {input_adapter!r}.")
+        if slice_axis is not None and int(slice_axis) not in (0, 1, 2):
+            raise ValueError(f"slice_axis must be None, 0, 1 or 2 (a spatial axis of a volume), got {slice_axis!r}.")
+        self.slice_axis: Optional[int] = None if slice_axis is None else int(slice_axis)
+        self.slice_batch = int(slice_batch)
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.head_upsample_mode = head_upsample_mode
@@ -213,6 +234,7 @@ class EMCADNet(nn.Module):
             activation=activation,
         )
         self.heads = nn.ModuleList(nn.Conv2d(c, out_channels, kernel_size=1) for c in channels)
+        self.divisor = 32  # the PVTv2 encoder's total stride (4 x 2 x 2 x 2): slices are padded to its multiples
         self._init_decoder_weights()
         if encoder_pretrained:
             self.load_pretrained_encoder(encoder_pretrained, strict=pretrained_strict)
@@ -252,16 +274,34 @@ class EMCADNet(nn.Module):
                 )
         return logits
 
+    def _run(self, x: torch.Tensor, all_heads: bool) -> List[torch.Tensor]:
+        """The heads for a 2D batch, or (with ``slice_axis``) for a batch of volumes, slice by slice."""
+        axis = self.slice_axis
+        if x.dim() == 4:
+            return self._heads(x, all_heads)
+        if axis is None or x.dim() != 5:
+            expected = "(B, C, H, W) slices" if axis is None else "(B, C, H, W) slices or (B, C, X, Y, Z) volumes"
+            raise ValueError(f"EMCADNet (slice_axis={axis}) takes {expected}, got a tensor of shape {list(x.shape)}.")
+        slices, pad = volume_to_slices(x, axis, self.divisor)
+        if self.training or self.slice_batch < 1 or slices.shape[0] <= self.slice_batch:
+            heads = self._heads(slices, all_heads)
+        else:
+            chunks: List[List[torch.Tensor]] = []
+            for chunk in torch.split(slices, self.slice_batch):
+                chunks.append(self._heads(chunk, all_heads))
+            heads = [torch.cat([c[i] for c in chunks]) for i in range(len(chunks[0]))]
+        return [slices_to_volume(h, x.shape[0], axis, pad) for h in heads]
+
     @torch.jit.export
     def forward_heads(self, x: torch.Tensor) -> List[torch.Tensor]:
         """The four head outputs ``[p4, p3, p2, p1]`` (deepest first, each at the input size) in either mode, as
         the authors' ``forward(x, mode='test')`` returns them."""
-        return self._heads(x, True)
+        return self._run(x, True)
 
     def forward(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
         if self.training:
-            return self._heads(x, True)
-        return self._heads(x, False)[-1]
+            return self._run(x, True)
+        return self._run(x, False)[-1]
 
 
 EMCAD = EMCADNet

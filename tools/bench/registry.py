@@ -214,10 +214,17 @@ def resolve_entry(name: str, fallback_nets: bool = False, baselines: Optional[Se
             if not hasattr(inferer, "roi_size"):  # e.g. SimpleInferer: whole images, patch size from the registry
                 raise AttributeError(f"{type(inferer).__name__} has no roi_size")
             roi = tuple(int(r) for r in getattr(inferer, "orig_roi_size", inferer.roi_size))
-            if dims == 2 and len(roi) == 3 and 1 in roi:  # a 2D network behind a 3D window of depth 1
+            sw_batch, overlap = int(inferer.sw_batch_size), inferer.overlap
+            if dims == 2 and len(roi) == 3 and -1 in roi:
+                # a slice-wise network (e.g. EMCADNet(slice_axis=...)) behind windows holding every slice: the
+                # same computation as SliceInferer over that axis, network_def#slice_batch slices at a time
+                slice_axis = roi.index(-1)
+                roi = tuple(r for i, r in enumerate(roi) if i != slice_axis)
+                sw_batch = int(parser.get_parsed_content("network_def#slice_batch"))
+                overlap = overlap[0] if isinstance(overlap, (list, tuple)) else overlap
+            elif dims == 2 and len(roi) == 3 and 1 in roi:  # a 2D network behind a 3D window of depth 1
                 slice_axis = roi.index(1)
                 roi = tuple(r for i, r in enumerate(roi) if i != slice_axis)
-            sw_batch, overlap = int(inferer.sw_batch_size), inferer.overlap
             mode = getattr(inferer, "mode", mode)
             mode = str(getattr(mode, "value", mode))
             if hasattr(inferer, "spatial_dim"):
