@@ -50,3 +50,21 @@ def test_no_common_file_or_shape_mismatch_is_an_error(tmp_path, capsys):
     _save(b / "x.nii.gz", np.zeros((4, 4, 5)))
     assert label_agreement.main([str(a), str(b)]) == 1
     assert "shapes differ" in capsys.readouterr().err
+
+
+def test_msd_labels(tmp_path):
+    """--labels msd: 1 edema, 2 non-enhancing, 3 enhancing (dalight3d); read as BraTS 2023 they would give TC = 1 + 3."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    x = np.zeros((8, 8, 2), np.uint8)
+    x[0:4, 0:4, 0] = 1  # edema: WT only (16 voxels)
+    x[4:6, 4:6, 0] = 3  # enhancing: TC, WT, ET (4 voxels)
+    y = x.copy()
+    y[4:6, 4:6, 0] = 2  # called non-enhancing: TC and WT agree, ET does not
+    _save(a / "c_seg.nii.gz", x)
+    _save(b / "c_seg.nii.gz", y)
+    assert label_agreement.main([str(a), str(b), "--labels", "msd", "--json", str(tmp_path / "r.json")]) == 0
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["cases"]["c_seg.nii.gz"] == {"TC": 1.0, "WT": 1.0, "ET": 0.0}
+    assert label_agreement.main([str(a), str(b), "--json", str(tmp_path / "r2.json")]) == 0  # as BraTS 2023
+    assert json.loads((tmp_path / "r2.json").read_text())["cases"]["c_seg.nii.gz"]["TC"] < 1.0

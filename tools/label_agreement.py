@@ -10,7 +10,7 @@ detected from the values, 2021 by default) and compared voxel by voxel:
 * the lowest per-case Dice of each region.
 
 Usage:
-    python tools/label_agreement.py PRED_DIR_A PRED_DIR_B [--json out.json]
+    python tools/label_agreement.py PRED_DIR_A PRED_DIR_B [--labels brats|msd] [--json out.json]
 
 The exit status is non-zero when the folders share no file or two maps differ in shape.
 """
@@ -31,8 +31,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # medseg_nets, whe
 from medseg_nets.transforms.brats import BRATS_REGION_NAMES, brats_label_to_regions, detect_brats_convention  # noqa: E402
 
 
-def _regions(path: Path) -> np.ndarray:
-    label = torch.as_tensor(np.asarray(nib.load(str(path)).dataobj).astype(np.int64))[None]
+#: MSD Task01 labels (1 edema, 2 non-enhancing tumour, 3 enhancing tumour) of each region, in BRATS_REGION_NAMES order
+MSD_REGIONS = {"TC": (2, 3), "WT": (1, 2, 3), "ET": (3,)}
+
+
+def _regions(path: Path, labels: str = "brats") -> np.ndarray:
+    values = np.asarray(nib.load(str(path)).dataobj).astype(np.int64)
+    if labels == "msd":  # (3, X, Y, Z): TC, WT, ET
+        return np.stack([np.isin(values, MSD_REGIONS[r]) for r in BRATS_REGION_NAMES])
+    label = torch.as_tensor(values)[None]
     convention = detect_brats_convention(label, name=str(path))
     return brats_label_to_regions(label, convention).numpy().astype(bool)  # (3, X, Y, Z): TC, WT, ET
 
@@ -43,14 +50,16 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
 
 
-def agreement(dir_a: Path, dir_b: Path) -> dict:
-    """Per-case, pooled and lowest Dice per region between the label maps of the same name in both folders."""
+def agreement(dir_a: Path, dir_b: Path, labels: str = "brats") -> dict:
+    """Per-case, pooled and lowest Dice per region between the label maps of the same name in both folders;
+    ``labels``: ``"brats"`` (BraTS 2021 or 2023 values, detected) or ``"msd"`` (MSD Task01: 1 edema, 2 non-enhancing,
+    3 enhancing; the dalight3d bundle's output)."""
     names = sorted(p.name for p in Path(dir_a).glob("*.nii*") if (Path(dir_b) / p.name).is_file())
     if not names:
         raise ValueError(f"{dir_a} and {dir_b} have no NIfTI file name in common")
     cases, inter, sizes = {}, np.zeros(3), np.zeros(3)
     for name in names:
-        a, b = _regions(Path(dir_a) / name), _regions(Path(dir_b) / name)
+        a, b = _regions(Path(dir_a) / name, labels), _regions(Path(dir_b) / name, labels)
         if a.shape != b.shape:
             raise ValueError(f"{name}: shapes differ, {a.shape[1:]} vs {b.shape[1:]}")
         cases[name] = {r: dice(a[i], b[i]) for i, r in enumerate(BRATS_REGION_NAMES)}
@@ -66,9 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("dir_a", type=Path)
     p.add_argument("dir_b", type=Path)
     p.add_argument("--json", type=Path, help="also write the figures to this file")
+    p.add_argument("--labels", choices=("brats", "msd"), default="brats",
+                   help="label values: BraTS (2021 or 2023, detected; default) or MSD Task01 (1 edema, 2 non-enhancing, "
+                        "3 enhancing: dalight3d)")
     a = p.parse_args(argv)
     try:
-        result = agreement(a.dir_a, a.dir_b)
+        result = agreement(a.dir_a, a.dir_b, a.labels)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
