@@ -83,7 +83,9 @@ def test_speed_sweep_tiny(tmp_path):
     names = [r["name"] for r in rows]
     assert names[0].startswith("bundle config") and rows[0]["sw_batch_size"] == 4
     assert {"inference_mode", "inference_mode, channels-last"} <= set(names)
-    assert not any("cpu_fast_path off" in n for n in names)  # DALight-3D has no DepthwiseConv3d: no duplicate row
+    # DALight-3D has CPU fast-path layers (depth-wise, point-wise): the plain-layers row, with the same outputs
+    plain = next(r for r in rows if "cpu_fast_path off" in r["name"])
+    assert plain["error"] is None and plain["max_abs_diff"] < 1e-3 and plain["changed_fraction"] < 1e-4
     assert any(r["sw_batch_size"] == 1 for r in rows) and any(r["amp"] for r in rows)
     by_name = {r["name"]: r for r in rows}
     assert rows[0]["max_abs_diff"] == 0 and rows[0]["speedup"] == pytest.approx(1.0)
@@ -97,28 +99,36 @@ def test_speed_sweep_tiny(tmp_path):
 
 
 def test_speed_sweep_depthwise_path(tmp_path):
-    """On CPU the sweep times GLIMS's depth-wise convolutions on the plain nn.Conv3d path too: same outputs."""
+    """On CPU the sweep times GLIMS with its fast-path layers off (plain PyTorch layers) too: same outputs."""
     report = benchmark.main(["--bundle", "glims", "--device", "cpu", "--sweep", "--sweep-no-amp",
                              "--sweep-batches", "4", "--roi", "32", "--volume", "40,32,32",
                              "--out", str(tmp_path / "sweep.md")])
     rows = {r["name"]: r for r in report["sweeps"]["glims"]}
     plain = next(r for name, r in rows.items() if "cpu_fast_path off" in name)
     assert plain["error"] is None and not plain["depthwise_fast"]
-    assert plain["max_abs_diff"] < 1e-4 and plain["changed_fraction"] == 0
+    # float32 rounding of other kernels (instance norm through the group-norm kernel): the relative bound of 1e-4 of
+    # the output range is tests/test_cpu_layers.py's; here the logits of random weights span about 10
+    assert plain["max_abs_diff"] < 1e-3 and plain["changed_fraction"] < 1e-4
 
 
 def test_profile_names_the_depthwise_layers(tmp_path):
-    """--profile times one forward by kind of layer: GLIMS's three dilations of depth-wise convolution appear."""
+    """--profile times one forward by kind of layer: GLIMS's point-wise convolutions and instance norms appear; with
+    --plain-layers (no fused DACB branches) its three dilations of depth-wise convolution too."""
     report = benchmark.main(["--bundle", "glims", "--device", "cpu", "--profile", "--roi", "32",
                              "--out", str(tmp_path / "profile.md")])
     prof = report["profiles"]["glims"]
     kinds = {r["kind"]: r for r in prof["layers"]}
-    for d in (1, 2, 3):
-        r = kinds[f"DepthwiseConv3d depth-wise k3x3x3 dilation {d} stride 1"]
-        assert r["calls"] == 16 and r["seconds"] > 0
+    assert kinds["PointwiseConv3d dense k1x1x1 dilation 1 stride 1"]["calls"] == 39
+    assert kinds["InstanceNorm3d"]["calls"] == 62
     assert sum(r["seconds"] for r in prof["layers"]) <= prof["total_s"] * 1.05
     assert prof["input_shape"] == [1, 4, 32, 32, 32] and "aten::" in prof["operators"]
     assert "## Profile: GLIMS (bundle)" in (tmp_path / "profile.md").read_text()
+    plain = benchmark.main(["--bundle", "glims", "--device", "cpu", "--profile", "--roi", "32", "--plain-layers",
+                            "--out", str(tmp_path / "profile_plain.md")])
+    kinds = {r["kind"]: r for r in plain["profiles"]["glims"]["layers"]}
+    for d in (1, 2, 3):
+        r = kinds[f"DepthwiseConv3d depth-wise k3x3x3 dilation {d} stride 1"]
+        assert r["calls"] == 16 and r["seconds"] > 0
 
 
 def test_cpu_memory_worker_subprocess():

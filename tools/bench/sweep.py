@@ -46,14 +46,13 @@ def sweep_variants(entry: Entry, device: torch.device, amp_allowed: bool = True,
     """The settings tried by :func:`speed_sweep`: the bundle's own first (the reference), then sliding-window batch
     sizes, channels-last memory format, ``torch.inference_mode`` against ``torch.no_grad`` (what MONAI's evaluators
     use) and autocast (float16 on CUDA, bfloat16 on CPU); on CPU, for a network with
-    :class:`~medseg_nets.blocks.depthwise.DepthwiseConv3d` layers (``depthwise``), also their plain ``nn.Conv3d``
-    path."""
+    CPU fast-path layers (``depthwise``: :class:`~medseg_nets.blocks.depthwise.DepthwiseConv3d`,
+    :mod:`medseg_nets.blocks.cpu`, GLIMS's fused DACB), also the plain PyTorch layers."""
     sw0 = entry.sw_batch_size
     base = dict(sw_batch_size=sw0, channels_last=False, amp=False, inference_mode=False, depthwise_fast=True)
     out = [dict(base, name=f"bundle config (no_grad, fp32, sw_batch_size {sw0})")]
     if depthwise and device.type == "cpu":
-        out.append(dict(base, name="depth-wise convolutions as plain nn.Conv3d (DepthwiseConv3d.cpu_fast_path off)",
-                        depthwise_fast=False))
+        out.append(dict(base, name="plain PyTorch layers (every cpu_fast_path off)", depthwise_fast=False))
     out.append(dict(base, name="inference_mode", inference_mode=True))
     for sw in sorted(set(batches) - {sw0}):
         out.append(dict(base, name=f"inference_mode, sw_batch_size {sw}", inference_mode=True, sw_batch_size=sw))
