@@ -144,10 +144,8 @@ class DepthwiseConv3d(nn.Conv3d):
         """``x``: ``(N, C, D, H, W)``. ``x_ndhwc``: optionally ``x`` already laid out as contiguous ``(N, D, H, W,
         C)`` (:func:`to_ndhwc`), used by the CPU path, so that parallel branches convert their common input once."""
         if self.cpu_fast_path and use_cpu_fast_path(x):
-            xl = to_ndhwc(x) if x_ndhwc is None else x_ndhwc
-            return depthwise_conv3d_ndhwc(xl, self.weight, self.bias, self.dilation[0])
+            return self.forward_ndhwc(to_ndhwc(x) if x_ndhwc is None else x_ndhwc, None)
         return self._conv_forward(x, self.weight, self.bias)
-
 
     @torch.jit.export
     def forward_ndhwc(self, x_ndhwc: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -138,13 +138,10 @@ class DACB(nn.Module):
         z = F.group_norm(z, k * c, torch.cat(gn_w), torch.cat(gn_b), self.branch_eps)
         return F.prelu(z, torch.cat(act_w))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fused = self.cpu_fast_path and x.is_contiguous() and use_cpu_fast_path(x)
-        for branch in self.branches:
-            fused = fused and bool(branch[0].cpu_fast_path)
-        if fused:
-            y = self.embed(self._fused_branches(x))
-            return self.act(self.norm(self.project(y) + x))
+    def _branches(self, x: torch.Tensor) -> torch.Tensor:
+        """The branches one by one, concatenated; on CPU their depth-wise convolutions share one channels-last copy
+        of ``x``. Their outputs are freed on return, before the point-wise convolutions where the block's memory
+        peaks."""
         feats: List[torch.Tensor] = []
         xl: Optional[torch.Tensor] = None  # x laid out channels-last once for the branches' CPU path
         for branch in self.branches:
@@ -155,11 +152,14 @@ class DACB(nn.Module):
                 feats.append(branch[2](branch[1](conv(x, xl))))
             else:
                 feats.append(branch(x))
-        # drop what is no longer needed before the point-wise convolutions, where the block's memory peaks
-        xl = None
-        y = torch.cat(feats, dim=1)
-        feats = []
-        y = self.embed(y)
+        return torch.cat(feats, dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = self.cpu_fast_path and x.is_contiguous() and use_cpu_fast_path(x)
+        for branch in self.branches:
+            fused = fused and bool(branch[0].cpu_fast_path)
+        y = self._fused_branches(x) if fused else self._branches(x)
+        y = self.embed(y)  # the branches' 3C-channel map is freed here, before the projection
         return self.act(self.norm(self.project(y) + x))
 
 
