@@ -52,6 +52,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # verify_bundle, when imported from elsewhere
+from verify_bundle import declared_spatial_shape  # noqa: E402
+
 BUNDLES_DIR = Path(__file__).resolve().parents[1] / "bundles"
 INPUT_NAME, OUTPUT_NAME = "image", "pred"
 
@@ -110,9 +113,7 @@ def default_input_shape(bundle: Path, n: int = 1, overrides: Optional[dict[str, 
             spatial = [int(s) for s in value]
             break
     if spatial is None:
-        # "8*n" with n; "*" (any size) takes n
-        spatial = [n if str(s) == "*" else int(eval(str(s), {"__builtins__": {}}, {"n": n}))
-                   for s in spec["spatial_shape"]]
+        spatial = declared_spatial_shape(spec, n)
     return [1, int(spec["num_channels"]), *spatial]
 
 

@@ -120,10 +120,11 @@ def check_properties(bundle: Path) -> list[str]:
     return errors
 
 
-def _spatial_shape(meta: dict, n: int) -> list[int]:
-    """The declared input shape with ``n`` (e.g. ``"8*n"``); ``"*"`` (any size, the Zoo's wildcard) takes ``n``."""
-    spec = meta["network_data_format"]["inputs"]["image"]
-    return [n if str(s) == "*" else int(eval(str(s), {"n": n})) for s in spec["spatial_shape"]]
+def declared_spatial_shape(image_spec: dict, n: int) -> list[int]:
+    """The spatial input shape a bundle declares (``network_data_format.inputs.image.spatial_shape``) with ``n``
+    (e.g. ``"8*n"``); ``"*"`` (any size, the Zoo's wildcard) takes ``n``. Also used by tools/export_onnx.py."""
+    shape = image_spec["spatial_shape"]
+    return [n if str(s) == "*" else int(eval(str(s), {"__builtins__": {}}, {"n": n})) for s in shape]
 
 
 def check_net_in_out(bundle: Path, n: int) -> list[str]:
@@ -154,8 +155,8 @@ def check_export(bundle: Path, n: int) -> list[str]:
     parser.read_meta(str(bundle / "configs/metadata.json"))
     parser["bundle_root"] = str(bundle)
     net = parser.get_parsed_content("network_def").eval()
-    meta = parser.get("_meta_")
-    shape = [1, meta["network_data_format"]["inputs"]["image"]["num_channels"]] + _spatial_shape(meta, n)
+    image = parser.get("_meta_")["network_data_format"]["inputs"]["image"]
+    shape = [1, image["num_channels"]] + declared_spatial_shape(image, n)
     with tempfile.TemporaryDirectory() as tmp:
         weights = bundle / "models/model.pt"
         if weights.is_file():
