@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from conftest import ROOT, assert_resumed, run_cli
+from medseg_nets.runtime import available_runtimes
 
 BUNDLE = ROOT / "bundles" / "dalight3d"
 CFG = BUNDLE / "configs"
@@ -139,3 +140,38 @@ def test_model_zoo_checks_and_torchscript_export():
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     for check in ("files", "metadata", "properties", "verify_net_in_out", "ckpt_export"):
         assert f"PASS dalight3d: {check}" in proc.stdout
+
+
+@pytest.mark.skipif("openvino" not in available_runtimes(), reason="openvino not installed (pip install -e '.[dev]')")
+def test_inference_runtime_openvino_matches_eager(trained, msd_dir, tmp_path):
+    """``--runtime openvino``: the network is exported once (cached beside the checkpoint, reused by the next run),
+    checked against eager PyTorch, and the label maps are those of the default eager run."""
+    root, _ = trained
+    ckpt = tmp_path / "weights" / "model.pt"
+    ckpt.parent.mkdir()
+    shutil.copy(root / "models" / "model.pt", ckpt)
+
+    def infer(out: str, *extra: str):
+        return run_cli(["run", "--config_file", str(CFG / "inference.json"), "--meta_file", str(CFG / "metadata.json"),
+                        "--logging_file", str(CFG / "logging.conf"), "--dataset_dir", str(msd_dir),
+                        "--bundle_root", str(root), "--output_dir", str(tmp_path / out), "--roi_size", "[16,16,16]",
+                        "--num_workers", "0", "--ckpt_path", str(ckpt), *extra])
+
+    infer("eager")
+    first = infer("ov", "--runtime", "openvino")
+    log = first.stdout + first.stderr
+    assert "unavailable, running" not in log and "eager PyTorch for this call" not in log, log[-3000:]
+    assert "RuntimeNetwork: exporting DALight3D" in log and "within" in log
+    cached = ckpt.parent / "model.pt.4x16x16x16.onnx"
+    assert cached.is_file() and cached.with_suffix(".json").is_file()
+    second = infer("ov2", "--runtime", "openvino")
+    log2 = second.stdout + second.stderr
+    assert "exporting" not in log2 and "(cached export" in log2, log2[-3000:]
+    for src in sorted((msd_dir / "imagesTs").glob("*.nii.gz")):
+        name = src.name.replace(".nii.gz", "_seg.nii.gz")
+        ref = np.asarray(nib.load(tmp_path / "eager" / name).dataobj)
+        for out in ("ov", "ov2"):
+            pred = nib.load(tmp_path / out / name)
+            assert pred.shape == ref.shape
+            # logits within 1e-4 of the range: an argmax may flip only where two classes tie to that precision
+            assert np.mean(np.asarray(pred.dataobj) != ref) <= 1e-3

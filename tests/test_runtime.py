@@ -151,6 +151,42 @@ def test_verify_falls_back_beyond_tolerance(runtime, caplog):
         assert torch.equal(wrapped(x), net(x))
 
 
+class WithIdentifier(nn.Module):
+    """A tiny network with a keyword argument whose -1 means the same as leaving it out (DALight-3D's identifier)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = tiny_net()
+        self.shift = nn.Parameter(torch.tensor([0.0, 5.0, -5.0]))
+
+    def forward(self, x: torch.Tensor, identifier=None) -> torch.Tensor:
+        y = self.net(x)
+        if identifier is None:
+            return y
+        ident = identifier.expand(x.shape[0])
+        table = self.shift[ident.clamp(min=0)].view(-1, 1, 1, 1, 1)
+        return y + torch.where(ident.view(-1, 1, 1, 1, 1) >= 0, table, torch.zeros_like(table))
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_default_kwargs_run_the_export_other_values_eager(runtime, caplog):
+    net = WithIdentifier().eval()
+    wrapped = RuntimeNetwork(net, runtime=runtime, default_kwargs={"identifier": -1}).eval()
+    x = torch.randn(2, 2, 8, 8, 8)
+    with torch.no_grad(), caplog.at_level(logging.INFO):
+        y = wrapped(x, identifier=torch.tensor([-1]))  # first call: export, checked against eager
+        assert wrapped.last_export is not None and wrapped.active_runtime == runtime
+        assert within_tolerance(y, net(x))
+        y = wrapped(x, identifier=torch.tensor([-1, -1]))  # the runtime's own output now
+        assert within_tolerance(y, net(x)) and not torch.equal(y, net(x, identifier=torch.tensor([1])))
+        assert torch.equal(wrapped(x, identifier=torch.tensor([1])), net(x, identifier=torch.tensor([1])))
+        assert "identifier other than -1" in caplog.text
+        with pytest.raises(TypeError):  # a keyword the network does not take reaches it, in eager PyTorch
+            wrapped(x, scale=torch.tensor([1.0]))
+        assert "keyword argument 'scale'" in caplog.text
+    assert wrapped.active_runtime == runtime  # eager for those calls only
+
+
 def test_bundle_config_lines(tmp_path):
     """The config lines proposed for a bundle's inference.json parse and wrap the network CheckpointLoader loads."""
     from monai.bundle import ConfigParser

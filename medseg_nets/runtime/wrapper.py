@@ -104,6 +104,11 @@ class RuntimeNetwork(nn.Module):
         verify: on the first batch at each input shape, also run the network in eager PyTorch and compare; beyond
             ``rtol x`` the range of the eager output, the runtime is turned off (logged) and eager PyTorch runs on.
         rtol: the tolerance of ``verify`` (issue 16: 1e-4 of the logits' range).
+        default_kwargs: keyword arguments of the network's forward that the export leaves at their defaults, each
+            with the value that means the same as leaving it out, e.g. ``{"identifier": -1}`` for DALight-3D (``-1``
+            = no identifier, the same arithmetic as ``None``). A call whose keyword arguments are all named here, each
+            ``None`` or a tensor whose every element equals that value, runs the exported network; other keyword
+            arguments or values (e.g. real identifiers) run the network in eager PyTorch for that call (logged once).
     """
 
     def __init__(
@@ -116,6 +121,7 @@ class RuntimeNetwork(nn.Module):
         opset: Optional[int] = None,
         verify: bool = True,
         rtol: float = 1e-4,
+        default_kwargs: Optional[dict[str, Any]] = None,
     ) -> None:
         super().__init__()
         self.network = network
@@ -126,6 +132,7 @@ class RuntimeNetwork(nn.Module):
         self.opset = opset
         self.verify = bool(verify)
         self.rtol = float(rtol)
+        self.default_kwargs = dict(default_kwargs or {})
         self.last_check: Optional[dict[str, float]] = None  # {"max_abs_diff", "range"} of the latest verification
         self._sessions: dict[tuple[int, ...], Any] = {}  # (C, *spatial) -> callable(np array) -> np array
         self._tmpdir: Optional[tempfile.TemporaryDirectory] = None
@@ -166,8 +173,10 @@ class RuntimeNetwork(nn.Module):
         if self.runtime == "eager" or self._disabled:
             return self.network(x, *args, **kwargs)
         reason = None
-        if args or kwargs:
-            reason = "extra forward arguments"
+        if args:
+            reason = "extra positional forward arguments"
+        elif kwargs and (why := self._non_default(kwargs)):
+            reason = why
         elif self.training:
             reason = "training mode"
         elif not torch.is_tensor(x) or x.device.type != "cpu" or x.dtype != torch.float32:
@@ -189,10 +198,10 @@ class RuntimeNetwork(nn.Module):
         except Exception as e:  # export or runtime failure: eager from now on, once logged
             self._sessions.pop(key, None)
             self._disable(f"{type(e).__name__}: {e}")
-            return self.network(x)
+            return self.network(x, **kwargs)
         if not self.verify:
             return y
-        ref = self.network(x)
+        ref = self.network(x, **kwargs)
         if not torch.is_tensor(ref) or ref.shape != y.shape:
             self._sessions.pop(key, None)
             self._disable(f"output {type(ref).__name__} {getattr(ref, 'shape', '')} is not one tensor of shape "
@@ -204,7 +213,22 @@ class RuntimeNetwork(nn.Module):
             self._sessions.pop(key, None)
             self._disable(f"output differs from eager PyTorch by {diff:.3g} > {self.rtol:g} x range {rng:.3g} "
                           f"(input {list(x.shape)})")
+        else:
+            logger.info("RuntimeNetwork: %s output within %.2g x range of eager PyTorch (max |diff| %.3g, input %s)",
+                        self.runtime, diff / rng if rng > 0 else 0.0, diff, list(x.shape))
         return ref
+
+    def _non_default(self, kwargs: dict[str, Any]) -> Optional[str]:
+        """Why the keyword arguments of a call are not the export's (``None`` when they are), see ``default_kwargs``."""
+        for name, value in kwargs.items():
+            if name not in self.default_kwargs:
+                return f"keyword argument {name!r} (not in default_kwargs)"
+            if value is None:
+                continue
+            default = self.default_kwargs[name]
+            if not torch.is_tensor(value) or not bool((value == default).all()):
+                return f"{name} other than {default!r}"
+        return None
 
     # ---- export + cache -----------------------------------------------------------------------------------------
     def _cache_paths(self, shape: tuple[int, ...]) -> tuple[Path, bool]:
@@ -277,6 +301,8 @@ class RuntimeNetwork(nn.Module):
         run = _openvino_session(path, threads) if self.runtime == "openvino" else _ort_session(path, threads)
         self._sessions[shape] = run
         self.last_export = {"path": path, "reused": reused, "persistent": persistent, "key": key}
+        logger.info("RuntimeNetwork: %s runs %s for input %s (%s export %s)", self.runtime, type(self.network).__name__,
+                    ["B", *shape], "cached" if reused else "new", path)
         return run
 
 
