@@ -355,7 +355,10 @@ def test_cases_tiny_run(tmp_path):
     assert floor["cropped"] == [21, 25, 21] and floor["windows"] == window_count([21, 25, 21], [32] * 3, 0.5) == 1
     run = saved["cases"]["dalight3d"]
     assert floor["startup_s"] == pytest.approx(run["wall_s"] - run["engine_s"])
-    assert floor["floor_s"] == pytest.approx(floor["startup_s"] + patch["roofline_s"])
+    traffic = patch["traffic"]
+    assert traffic["sw_batch"] == 4 and 0 < traffic["sw_batch_roofline_s"] <= patch["roofline_s"]
+    assert 0 < traffic["param_gb_read"] < traffic["gb_read"]
+    assert floor["floor_s"] == pytest.approx(floor["startup_s"] + traffic["sw_batch_roofline_s"])
     goal = next(g for g in saved["goals"] if g["key"] == "case_dalight3d")
     assert goal["floor_s"] == floor["floor_s"] and goal["below_floor"] == (60.0 < floor["floor_s"])
     assert saved["case"]["info"]["field"] == [36, 36, 23] and saved["case"]["info"]["extent"] == [21, 25, 21]
@@ -407,7 +410,7 @@ def test_traffic_of_a_tiny_graph():
         return dst
 
     with torch.inference_mode():
-        records = record_forward(graph, x)
+        records = record_forward(graph, x, params=list(conv.parameters()))
     ops = [r.op for r in records]
     assert ops == ["aten.convolution.default", "aten.relu.default", "aten.add.Tensor", "aten.add.Tensor",
                    "aten.view.default", "aten.view.default", "aten.expand.default", "aten.add.Tensor",
@@ -420,6 +423,8 @@ def test_traffic_of_a_tiny_graph():
     assert by[4] == by[5] == by[6] == (0, 0, 0)
     assert by[7] == (b_b + y_b, y_b, 0)
     assert by[8] == (y_b, y_b, 0) and by[9] == (y_b, y_b, 0)
+    # the parameters' bytes among those read: the conv's weight and bias, the expanded bias
+    assert [r.param_bytes_read for r in records] == [w_b + b_b, 0, 0, 0, 0, 0, 0, b_b, 0, 0]
 
 
 def test_traffic_flops_match_flop_counter_and_views_move_nothing():
@@ -495,6 +500,13 @@ def test_roofline_arithmetic():
                                                              ("aten.copy_.default", 2)]
     assert s["top_ops"][1]["gb"] == pytest.approx(0.7)
     assert s["top_ops"][1]["roofline_share"] == pytest.approx(0.07 / 0.21)
+    # in a batch of 4 the parameters are read once: per input, 3/4 of their bytes less
+    records[0].param_bytes_read = 400_000_000  # the conv: 1.0 GB -> 0.7 GB per input, 0.07 s, still memory-bound
+    records[2].param_bytes_read = 200_000_000  # a copy: 0.5 GB -> 0.35 GB, 0.035 s
+    b = roofline(records, peaks, batch=4)
+    assert b["batch"] == 4 and b["param_gb_read"] == pytest.approx(0.6) and b["gb_moved"] == pytest.approx(1.8)
+    assert b["roofline_s"] == pytest.approx(0.07 + 0.02 + 0.035 + 0.02 + 0.02)
+    assert roofline(records, peaks)["roofline_s"] == pytest.approx(s["roofline_s"])  # batch 1: as recorded
 
 
 @pytest.mark.parametrize("image, roi, overlap", [
@@ -532,6 +544,12 @@ def test_case_floor_and_unreachable_goals():
     assert emcad["roi"] == [256, 256, -1] and emcad["windows"] == 1 and emcad["calls_per_window"] == 138
     assert emcad["startup_s"] is None and emcad["floor_s"] == pytest.approx(138 * 0.05)
     assert case_floor(case_entry("dalight3d"), dict(roofline_s=None), None, cropped) is None
+    # the roofline per window in the inferer's batches (weights read once a batch) is the one used when known
+    batched = case_floor(case_entry("dalight3d"), dict(roofline_s=0.2, traffic=dict(sw_batch=4,
+                                                                                  sw_batch_roofline_s=0.15)),
+                         dict(wall_s=20.0, engine_s=12.0), cropped)
+    assert batched["windows"] == 4 * 5 * 4 and batched["batch"] == 4 and batched["call_roofline_batch1_s"] == 0.2
+    assert batched["floor_s"] == pytest.approx(8.0 + 80 * 0.15)
 
     patches = [dict(bundle="glims", model="GLIMS (bundle)", role="bundle", latency_s=4.0, roofline_s=2.5),
                dict(bundle="glims", model="SwinUNETR", role="baseline", latency_s=7.0, roofline_s=3.0)]

@@ -148,7 +148,7 @@ def measure_patches(bundles: Sequence[str], opts: argparse.Namespace, conv_peak:
         if peaks is None:
             continue
         try:
-            traffic = forward_roofline(model, x, peaks)
+            traffic = forward_roofline(model, x, peaks, batch=max(1, int(entry.sw_batch_size)))
             row.update(traffic=traffic, gb_moved=traffic["gb_moved"], roofline_s=traffic["roofline_s"],
                        memory_bound_share=traffic["memory_bound_share"])
             log(f"  {label}: {traffic['gb_moved']:.2f} GB moved by {traffic['ops']} ops, roofline "
@@ -403,12 +403,15 @@ def case_floor(entry: Entry, patch: Optional[dict[str, Any]], case_row: Optional
     """The floor of a bundle's whole case (None without the network's roofline): its own start-up in this run (wall
     - evaluator seconds of ``case_row``; None, counted as 0, when either is missing) + the sliding windows its
     inferer takes on the ``cropped`` case (:func:`window_count` with the entry's roi and overlap) x the roofline of
-    the network's calls in a window (``patch``, batch 1). A 3D network runs once per window; a slice-wise one
-    (EMCAD: in-plane windows holding every slice) once per slice of the window. Batches of windows or slices
-    (``sw_batch_size``, ``slice_batch``) read the weights once per batch, which the per-call roofline counts per
-    call: the floor is high by at most weights / memory peak per call."""
+    the network's calls in a window (``patch``). A 3D network runs once per window; a slice-wise one (EMCAD:
+    in-plane windows holding every slice) once per slice of the window. The network runs on batches of windows or
+    slices (``sw_batch_size``, EMCAD's ``slice_batch``), which read the weights once per batch: the per-call roofline
+    is the patch's at that batch (``sw_batch_roofline_s`` of :func:`bench.traffic.forward_roofline`), every batch
+    counted full (a last, partial batch reads the weights once more: left out, the floor stays a lower bound)."""
     if not patch or not patch.get("roofline_s"):
         return None
+    per_call = (patch.get("traffic") or {}).get("sw_batch_roofline_s") or patch["roofline_s"]
+    batch = (patch.get("traffic") or {}).get("sw_batch", 1)
     cropped = [int(c) for c in cropped]
     if entry.dims == 2 and entry.slice_axis is not None:
         axis = int(entry.slice_axis)
@@ -421,10 +424,10 @@ def case_floor(entry: Entry, patch: Optional[dict[str, Any]], case_row: Optional
     if case_row and case_row.get("wall_s") is not None and case_row.get("engine_s") is not None:
         startup = case_row["wall_s"] - case_row["engine_s"]
     overlap = list(entry.overlap) if isinstance(entry.overlap, (list, tuple)) else entry.overlap
-    network_s = floor_seconds(None, windows, calls, patch["roofline_s"])
-    return dict(cropped=cropped, roi=roi, overlap=overlap, windows=windows, calls_per_window=calls,
-                call_roofline_s=patch["roofline_s"], network_floor_s=network_s, startup_s=startup,
-                floor_s=floor_seconds(startup, windows, calls, patch["roofline_s"]))
+    network_s = floor_seconds(None, windows, calls, per_call)
+    return dict(cropped=cropped, roi=roi, overlap=overlap, windows=windows, calls_per_window=calls, batch=batch,
+                call_roofline_s=per_call, call_roofline_batch1_s=patch["roofline_s"], network_floor_s=network_s,
+                startup_s=startup, floor_s=floor_seconds(startup, windows, calls, per_call))
 
 
 def case_floors(bundles: Sequence[str], patches: Sequence[dict[str, Any]], cases: dict[str, dict[str, Any]],
@@ -553,8 +556,9 @@ def _floor_text(goal: dict[str, Any]) -> str:
         return "—"
     calls = f" x {floor['calls_per_window']} slices" if floor["calls_per_window"] != 1 else ""
     startup = "start-up not measured" if floor["startup_s"] is None else f"start-up {floor['startup_s']:.1f} s"
+    batch = f" (in batches of {floor['batch']})" if floor.get("batch", 1) > 1 else ""
     return (f"{floor['floor_s']:.1f} s = {startup} + {floor['windows']} window(s){calls} x "
-            f"{_seconds_text(floor['call_roofline_s'])}: {verdict[goal['below_floor']]}")
+            f"{_seconds_text(floor['call_roofline_s'])}{batch}: {verdict[goal['below_floor']]}")
 
 
 def render_cases(report: dict[str, Any]) -> list[str]:
@@ -598,8 +602,9 @@ def render_cases(report: dict[str, Any]) -> list[str]:
         lines.append(f"| {g['goal']} | {g['target']} | {g['figure'] or '—'} | {status} | {_floor_text(g)} |")
     lines += ["", "Floor of a whole case: this run's start-up of the bundle (wall - evaluator seconds) + the sliding "
                   "windows its inferer takes on the cropped case (MONAI's own window arithmetic) x the roofline of "
-                  "the network's calls per window (one per window in 3D, one per slice for EMCAD); a target below "
-                  "it cannot be met with today's op sequence and window settings, even at the machine's peaks."]
+                  "the network's calls per window (one per window in 3D, one per slice for EMCAD; in the inferer's "
+                  "batches, the weights read once a batch); a target below it cannot be met with today's op "
+                  "sequence and window settings, even at the machine's peaks."]
     if any(g["status"] == "n/a" for g in goals):
         lines += ["", f"Not applicable: {next(g['note'] for g in goals if g['note'])}."]
     lines += ["", "## Machine peaks", ""]
@@ -636,16 +641,21 @@ def render_cases(report: dict[str, Any]) -> list[str]:
                       "torch.inference_mode, as eager PyTorch runs them (composite ops as the kernels they call); "
                       "compute at the conv peak for convolutions, the matmul peak for matrix products, memory at the "
                       "memory peak; memory-bound: the share of the roofline in ops whose bytes take longer than their "
-                      "FLOPs; the ops that move the most bytes, with their share of the roofline.", "",
-                  "| network | ops | GB read | GB written | roofline | compute only | memory only | memory-bound | "
-                  "most bytes |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+                      "FLOPs; per input in the inferer's batch: the roofline with the parameters' bytes (GB read of "
+                      "them in brackets) read once a batch; the ops that move the most bytes, with their share of the "
+                      "roofline.", "",
+                  "| network | ops | GB read (parameters) | GB written | roofline | compute only | memory only | "
+                  "memory-bound | per input in the inferer's batch | most bytes |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in traffic:
             t = r["traffic"]
             top = "; ".join(f"{o['op'].removeprefix('aten.')} x{o['calls']} {o['gb']:.3g} GB "
                             f"({100 * (o['roofline_share'] or 0):.0f}%)" for o in t["top_ops"][:5])
-            lines.append(f"| {r['network']} | {t['ops']} | {t['gb_read']:.3g} | {t['gb_written']:.3g} | "
-                         f"{_seconds_text(t['roofline_s'])} | {_seconds_text(t['compute_s'])} | "
-                         f"{_seconds_text(t['memory_s'])} | {100 * (t['memory_bound_share'] or 0):.0f}% | {top} |")
+            lines.append(f"| {r['network']} | {t['ops']} | {t['gb_read']:.3g} ({t['param_gb_read']:.3g}) | "
+                         f"{t['gb_written']:.3g} | {_seconds_text(t['roofline_s'])} | "
+                         f"{_seconds_text(t['compute_s'])} | {_seconds_text(t['memory_s'])} | "
+                         f"{100 * (t['memory_bound_share'] or 0):.0f}% | "
+                         f"{_seconds_text(t['sw_batch_roofline_s'])} (batch {t['sw_batch']}) | {top} |")
     lines += ["", "## Whole case", ""]
     if case:
         info = case["info"]

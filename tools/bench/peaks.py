@@ -1,10 +1,11 @@
 """The machine's peaks (``--cases``): what this CPU computes and moves at best, at the run's number of threads.
 
-Two compute figures put the networks' GFLOP/s in proportion: a float32 matrix product (:func:`matmul_rate`, ``torch.mm`` of
-square matrices: the BLAS peak) and a dense 3x3x3 ``nn.Conv3d`` with padding 1 (:func:`conv3d_rate`, oneDNN's
-convolution: the ceiling for the 3D networks' main layer) at a few channel counts and sizes, the best of which is "the
-conv peak". FLOPs are counted as for the networks (``torch.utils.flop_counter.FlopCounterMode``, a multiply-add = 2),
-and each rate is the best of ``repeats`` timed calls after one warm-up (a peak, not a typical figure).
+Two compute figures put the networks' GFLOP/s in proportion: a float32 matrix product (:func:`matmul_rate`,
+``torch.mm`` of square matrices: the BLAS peak) and a dense 3x3x3 ``nn.Conv3d`` with padding 1 (:func:`conv3d_rate`,
+oneDNN's convolution: the ceiling for the 3D networks' main layer) at a few channel counts and sizes, the best of which
+is "the conv peak". FLOPs are counted as for the networks (``torch.utils.flop_counter.FlopCounterMode``, a
+multiply-add = 2), and each rate is the best of ``repeats`` timed calls after one warm-up (a peak, not a typical
+figure).
 
 One memory figure bounds what does not compute much (element-wise passes, norms, layout copies): the bandwidth of
 :func:`copy_rate` (``dst.copy_(src)`` of a large float32 tensor, ``MEMORY_MIB`` at ``--scale`` 1) and of

@@ -24,6 +24,11 @@ the *matmul peak* for matrix products and attention (``mm``, ``addmm``, ``bmm``,
 higher of the two for any other op that counts FLOPs; the sum over the ops is the roofline time of the sequence: the
 time this op sequence would take if every kernel ran at the machine's peak, one after the other. The share of it
 spent in ops whose memory time exceeds their compute time is the "memory-bound share".
+
+The bytes each op reads from the model's parameters and buffers are kept apart (``param_bytes_read``): a batch of
+``B`` inputs reads them once per op, not ``B`` times, so :func:`roofline` with ``batch=B`` gives the roofline of one
+input of such a batch (what a sliding window with ``sw_batch_size`` B costs per window): activations and FLOPs as
+recorded, parameter bytes divided by ``B``.
 """
 
 from __future__ import annotations
@@ -61,13 +66,14 @@ _METADATA = frozenset({aten.sym_size, aten.sym_stride, aten.sym_numel, aten.sym_
 @dataclass
 class OpRecord:
     """One ATen op call: name (``aten.copy_.default``), kind (``conv``, ``matmul``, ``other``), FLOPs (multiply-add
-    = 2), bytes read and written."""
+    = 2), bytes read and written, and of the bytes read those of the model's parameters and buffers."""
 
     op: str
     kind: str
     flops: int
     bytes_read: int
     bytes_written: int
+    param_bytes_read: int = 0
 
     @property
     def bytes(self) -> int:
@@ -118,12 +124,13 @@ def op_kind(packet: Any) -> str:
     return "conv" if packet in CONV_OPS else ("matmul" if packet in MATMUL_OPS else "other")
 
 
-def op_traffic(func: torch._ops.OpOverload, args: Sequence[Any], kwargs: dict[str, Any], out: Any
-               ) -> tuple[int, int]:
-    """(bytes read, bytes written) of one call of ``func`` (module docstring's rules)."""
+def op_traffic(func: torch._ops.OpOverload, args: Sequence[Any], kwargs: dict[str, Any], out: Any,
+               param_storages: frozenset = frozenset()) -> tuple[int, int, int]:
+    """(bytes read, bytes written, bytes read from ``param_storages``) of one call of ``func`` (module docstring's
+    rules); ``param_storages``: the storage keys of the model's parameters and buffers."""
     packet = func._overloadpacket
     if packet in ALLOCATING or is_view_op(func):
-        return 0, 0
+        return 0, 0, 0
     schema = func._schema
     writes, not_read = False, []
     for i, arg in enumerate(schema.arguments):
@@ -136,19 +143,23 @@ def op_traffic(func: torch._ops.OpOverload, args: Sequence[Any], kwargs: dict[st
             not_read += _tensors(value)
     ins, outs = _tensors((args, kwargs)), _tensors(out)
     if not writes and aliases_inputs(ins, outs):
-        return 0, 0
+        return 0, 0, 0
     skip = {id(t) for t in not_read}
-    return distinct_bytes(t for t in ins if id(t) not in skip), distinct_bytes(outs)
+    read = [t for t in ins if id(t) not in skip]
+    params = distinct_bytes(t for t in read if _storage_key(t) in param_storages) if param_storages else 0
+    return distinct_bytes(read), distinct_bytes(outs), params
 
 
 class TrafficMode(TorchDispatchMode):
-    """Records an :class:`OpRecord` per ATen op run inside it (``records``); see the module docstring."""
+    """Records an :class:`OpRecord` per ATen op run inside it (``records``); see the module docstring. ``params``:
+    the model's parameters and buffers (their bytes read are kept apart)."""
 
-    def __init__(self) -> None:
+    def __init__(self, params: Iterable[torch.Tensor] = ()) -> None:
         super().__init__()
         from torch.utils.flop_counter import flop_registry
 
         self.flop_registry = flop_registry
+        self.param_storages = frozenset(_storage_key(p) for p in params if p.numel())
         self.records: list[OpRecord] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -165,40 +176,48 @@ class TrafficMode(TorchDispatchMode):
         flops = 0
         if packet in self.flop_registry:
             flops = int(self.flop_registry[packet](*args, **kwargs, out_val=out))
-        read, written = op_traffic(func, args, kwargs, out)
-        self.records.append(OpRecord(str(func), op_kind(packet), flops, read, written))
+        read, written, params = op_traffic(func, args, kwargs, out, self.param_storages)
+        self.records.append(OpRecord(str(func), op_kind(packet), flops, read, written, params))
         return out
 
 
-def record_forward(fn: Callable[..., Any], *args: Any) -> list[OpRecord]:
-    """The op records of one call ``fn(*args)`` (run it under ``torch.inference_mode`` for a forward)."""
-    mode = TrafficMode()
+def record_forward(fn: Callable[..., Any], *args: Any, params: Iterable[torch.Tensor] = ()) -> list[OpRecord]:
+    """The op records of one call ``fn(*args)`` (run it under ``torch.inference_mode`` for a forward); ``params``:
+    the model's parameters and buffers."""
+    mode = TrafficMode(params)
     with mode:
         fn(*args)
     return mode.records
 
 
-def op_seconds(rec: OpRecord, peaks: dict[str, float]) -> tuple[float, float]:
+def op_bytes(rec: OpRecord, batch: int = 1) -> float:
+    """Bytes of one op per input of a batch of ``batch``: parameter bytes read once per batch."""
+    return rec.bytes - rec.param_bytes_read * (1 - 1 / max(1, batch))
+
+
+def op_seconds(rec: OpRecord, peaks: dict[str, float], batch: int = 1) -> tuple[float, float]:
     """(compute seconds, memory seconds) of one op at ``peaks`` (``conv3d_gflops_per_s``, ``matmul_gflops_per_s``,
-    ``memory_gb_per_s``): FLOPs at the peak of its kind (conv, matmul, else the higher), bytes at the memory peak."""
+    ``memory_gb_per_s``): FLOPs at the peak of its kind (conv, matmul, else the higher), bytes (:func:`op_bytes`)
+    at the memory peak."""
     if rec.kind == "conv":
         rate = peaks["conv3d_gflops_per_s"]
     elif rec.kind == "matmul":
         rate = peaks["matmul_gflops_per_s"]
     else:
         rate = max(peaks["conv3d_gflops_per_s"], peaks["matmul_gflops_per_s"])
-    return rec.flops / (rate * 1e9), rec.bytes / (peaks["memory_gb_per_s"] * 1e9)
+    return rec.flops / (rate * 1e9), op_bytes(rec, batch) / (peaks["memory_gb_per_s"] * 1e9)
 
 
-def roofline(records: Sequence[OpRecord], peaks: dict[str, float], top: int = 8) -> dict[str, Any]:
-    """Summary of an op sequence at the machine's ``peaks``: GFLOPs, GB read / written / moved, the roofline
-    seconds (sum over the ops of max(compute, memory) seconds), its memory-bound share (the part of it in ops whose
-    memory time exceeds their compute time), the compute-only and memory-only sums, and the ``top`` ops by bytes
-    (op, calls, GB, GFLOPs, roofline seconds, share of the roofline)."""
+def roofline(records: Sequence[OpRecord], peaks: dict[str, float], top: int = 8, batch: int = 1) -> dict[str, Any]:
+    """Summary of an op sequence at the machine's ``peaks``: GFLOPs, GB read / written / moved (as recorded; of the
+    GB read, those of parameters), the roofline seconds (sum over the ops of max(compute, memory) seconds; with
+    ``batch``, per input of a batch of that many, :func:`op_bytes`), its memory-bound share (the part of it in ops
+    whose memory time exceeds their compute time), the compute-only and memory-only sums, and the ``top`` ops by
+    bytes (op, calls, GB, GFLOPs, roofline seconds, share of the roofline)."""
     total = mem_bound = compute_s = memory_s = 0.0
     by_op: dict[str, dict[str, Any]] = {}
     for rec in records:
-        c, m = op_seconds(rec, peaks)
+        c, m = op_seconds(rec, peaks, batch)
         t = max(c, m)
         total += t
         compute_s += c
@@ -216,21 +235,29 @@ def roofline(records: Sequence[OpRecord], peaks: dict[str, float], top: int = 8)
     return dict(ops=len(records), gflops=sum(r.flops for r in records) / 1e9,
                 gb_read=sum(r.bytes_read for r in records) / 1e9,
                 gb_written=sum(r.bytes_written for r in records) / 1e9,
-                gb_moved=sum(r.bytes for r in records) / 1e9, roofline_s=total, compute_s=compute_s,
+                gb_moved=sum(r.bytes for r in records) / 1e9,
+                param_gb_read=sum(r.param_bytes_read for r in records) / 1e9, batch=batch, roofline_s=total,
+                compute_s=compute_s,
                 memory_s=memory_s, memory_bound_share=mem_bound / total if total else None, top_ops=ops,
                 peaks={k: peaks[k] for k in ("conv3d_gflops_per_s", "matmul_gflops_per_s", "memory_gb_per_s")})
 
 
-def forward_roofline(model: torch.nn.Module, x: torch.Tensor, peaks: Optional[dict[str, float]], top: int = 8
-                     ) -> dict[str, Any]:
+def forward_roofline(model: torch.nn.Module, x: torch.Tensor, peaks: Optional[dict[str, float]], top: int = 8,
+                     batch: int = 1) -> dict[str, Any]:
     """One forward of ``model`` on ``x`` under ``torch.inference_mode`` recorded (:func:`record_forward`) and
-    summarised (:func:`roofline`; without ``peaks`` only the counts, no seconds)."""
+    summarised (:func:`roofline`; without ``peaks`` only the counts, no seconds), with ``sw_batch`` (``batch``) and
+    ``sw_batch_roofline_s``: the roofline per input of a batch of ``batch`` such inputs (parameters read once)."""
+    params = [*model.parameters(), *model.buffers()]
     with torch.inference_mode():
-        records = record_forward(model, x)
+        records = record_forward(model, x, params=params)
     if peaks is None:
         return dict(ops=len(records), gflops=sum(r.flops for r in records) / 1e9,
                     gb_moved=sum(r.bytes for r in records) / 1e9)
-    return roofline(records, peaks, top)
+    summary = roofline(records, peaks, top)
+    summary["sw_batch"] = batch
+    summary["sw_batch_roofline_s"] = roofline(records, peaks, 0, batch)["roofline_s"] if batch > 1 else \
+        summary["roofline_s"]
+    return summary
 
 
 def records_as_dicts(records: Sequence[OpRecord]) -> list[dict[str, Any]]:
