@@ -329,15 +329,38 @@ def test_cases_tiny_run(tmp_path):
                  "- Command: `python tools/benchmark.py --cases --bundle dalight3d", "**Sizes changed**"):
         assert head in text, head
     table = _table(text)
-    assert table[0] == ["network (bundle's inference path)", "patch", "GFLOPs", "latency", "GFLOP/s",
-                        "whole 4x36x36x23 case", "whole-case peak RSS"]
+    assert table[0] == ["network (bundle's inference path)", "patch", "GFLOPs", "latency", "GFLOP/s", "GB moved",
+                        "roofline", "latency / roofline", "whole 4x36x36x23 case", "whole-case peak RSS"]
     row = table[2]
-    assert row[0] == "DALight-3D" and row[1] == "32^3" and row[5].endswith(" s") and row[6].endswith(" MiB")
+    assert row[0] == "DALight-3D" and row[1] == "32^3" and row[8].endswith(" s") and row[9].endswith(" MiB")
     assert "% of the conv peak" in row[4]
+    assert float(row[5]) > 0 and row[6].endswith((" s", " ms")) and row[7].endswith("x")
+    assert "GB moved: the bytes one forward's ATen ops read and write" in text
+    assert "| copy dst.copy_(src), float32, 2 x 38 MiB |" in text and "Memory peak (the faster of the two)" in text
+    goal_rows = {r[0]: r for r in table if len(r) == 5}
+    floor_cell = goal_rows["whole BraTS case through bundles/dalight3d inference.json, 2 threads"][4]
+    assert " window(s) x " in floor_cell and "start-up" in floor_cell
 
     saved = json.loads(js.read_text())
     assert saved["peaks"]["threads"] == 1
     assert saved["peaks"]["matmul_gflops_per_s"] > 0 and saved["peaks"]["conv3d_gflops_per_s"] > 0
+    assert saved["peaks"]["memory_gb_per_s"] == max(m["best_gb_per_s"] for m in saved["peaks"]["memory"])
+    patch = saved["patches"][0]
+    assert patch["traffic"]["gflops"] == pytest.approx(patch["gflops"])  # the same FLOPs as FlopCounterMode
+    assert patch["gb_moved"] > 0 and patch["roofline_s"] > 0 and 0 <= patch["memory_bound_share"] <= 1
+    assert patch["latency_over_roofline"] == pytest.approx(patch["latency_s"] / patch["roofline_s"])
+    from bench.cases import window_count
+
+    floor = saved["floors"]["dalight3d"]
+    assert floor["cropped"] == [21, 25, 21] and floor["windows"] == window_count([21, 25, 21], [32] * 3, 0.5) == 1
+    run = saved["cases"]["dalight3d"]
+    assert floor["startup_s"] == pytest.approx(run["wall_s"] - run["engine_s"])
+    traffic = patch["traffic"]
+    assert traffic["sw_batch"] == 4 and 0 < traffic["sw_batch_roofline_s"] <= patch["roofline_s"]
+    assert 0 < traffic["param_gb_read"] < traffic["gb_read"]
+    assert floor["floor_s"] == pytest.approx(floor["startup_s"] + traffic["sw_batch_roofline_s"])
+    goal = next(g for g in saved["goals"] if g["key"] == "case_dalight3d")
+    assert goal["floor_s"] == floor["floor_s"] and goal["below_floor"] == (60.0 < floor["floor_s"])
     assert saved["case"]["info"]["field"] == [36, 36, 23] and saved["case"]["info"]["extent"] == [21, 25, 21]
     case = saved["cases"]["dalight3d"]
     assert case["ok"] and case["errors"] == [] and case["prediction"]["shape"] == [36, 36, 23]
@@ -346,6 +369,200 @@ def test_cases_tiny_run(tmp_path):
     assert [g["status"] for g in saved["goals"]] == ["not measured", "n/a", "not measured", "not measured", "n/a"]
     assert report["patches"][0]["gflops"] > 0 and len(report["patches"][0]["latencies_s"]) == 1
     assert (tmp_path / "work" / "logs" / "dalight3d_run1.log").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# roofline: memory peak, traffic of an op sequence, floors of the whole cases
+# ---------------------------------------------------------------------------------------------------------------------
+def test_memory_kernels_count_bytes_read_and_written():
+    from bench.peaks import copy_rate, memory_mib, triad_rate
+
+    assert memory_mib(1.0) == 256 and memory_mib(0.5) == 128 and memory_mib(0.001) == 4
+    n = 4 * 2**20 // 4
+    copy, triad = copy_rate(4, repeats=2), triad_rate(4, repeats=2)
+    assert copy["gbytes"] == pytest.approx(2 * n * 4 / 1e9) and triad["gbytes"] == pytest.approx(3 * n * 4 / 1e9)
+    for k in (copy, triad):
+        assert len(k["times_s"]) == 2 and k["best_gb_per_s"] == pytest.approx(k["gbytes"] / min(k["times_s"]))
+        assert k["best_gb_per_s"] >= k["median_gb_per_s"] > 0
+
+
+def test_traffic_of_a_tiny_graph():
+    """Conv3d + ReLU + add, a view, an expanded view, an out= op and a copy_: bytes and FLOPs counted by hand."""
+    import torch
+
+    from bench.traffic import record_forward
+
+    f4 = 4  # bytes of a float32
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(2, 3, 3, padding=1)
+    x = torch.randn(1, 2, 4, 4, 4)
+    buf, dst = torch.empty(1, 3, 4, 4, 4), torch.empty(3 * 64)
+
+    def graph(x):
+        c = conv(x)
+        r = torch.relu(c)
+        s = r + c  # two storages read
+        d = s + s  # one storage, read once
+        flat = d.view(-1)  # a view: nothing moved
+        e = conv.bias.view(1, 3, 1, 1, 1).expand_as(c) + c  # the expanded bias: its 3 values, not 192
+        torch.mul(e, 2.0, out=buf)  # reads e, writes buf (not read)
+        dst.copy_(flat)  # reads flat, writes dst (not read)
+        return dst
+
+    with torch.inference_mode():
+        records = record_forward(graph, x, params=list(conv.parameters()))
+    ops = [r.op for r in records]
+    assert ops == ["aten.convolution.default", "aten.relu.default", "aten.add.Tensor", "aten.add.Tensor",
+                   "aten.view.default", "aten.view.default", "aten.expand.default", "aten.add.Tensor",
+                   "aten.mul.out", "aten.copy_.default"]
+    by = {i: (r.bytes_read, r.bytes_written, r.flops) for i, r in enumerate(records)}
+    x_b, w_b, b_b, y_b = 2 * 64 * f4, 3 * 2 * 27 * f4, 3 * f4, 3 * 64 * f4
+    assert by[0] == (x_b + w_b + b_b, y_b, 2 * (3 * 64) * (2 * 27))  # multiply-add = 2 FLOPs per weight per voxel
+    assert by[1] == (y_b, y_b, 0)
+    assert by[2] == (2 * y_b, y_b, 0) and by[3] == (y_b, y_b, 0)
+    assert by[4] == by[5] == by[6] == (0, 0, 0)
+    assert by[7] == (b_b + y_b, y_b, 0)
+    assert by[8] == (y_b, y_b, 0) and by[9] == (y_b, y_b, 0)
+    # the parameters' bytes among those read: the conv's weight and bias, the expanded bias
+    assert [r.param_bytes_read for r in records] == [w_b + b_b, 0, 0, 0, 0, 0, 0, b_b, 0, 0]
+
+
+def test_traffic_flops_match_flop_counter_and_views_move_nothing():
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bench.traffic import is_view_op, record_forward
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv3d(4, 8, 3, padding=1), torch.nn.GroupNorm(2, 8), torch.nn.PReLU(),
+                              torch.nn.Flatten(2), torch.nn.Linear(64, 16)).eval()
+    x = torch.randn(2, 4, 4, 4, 4)
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode():
+        with counter:
+            net(x)
+        records = record_forward(net, x)
+    assert sum(r.flops for r in records) == counter.get_total_flops() > 0
+    names = {r.op for r in records}
+    # composite ops are recorded as the kernels eager PyTorch runs
+    assert "aten.native_group_norm.default" in names and "aten.group_norm.default" not in names
+    assert "aten.conv3d.default" not in names and "aten.linear.default" not in names
+    assert {r.kind for r in records if r.op == "aten.convolution.default"} == {"conv"}
+    views = [r for r in records if r.op.rsplit(".", 1)[0] in (
+        "aten.view", "aten._unsafe_view", "aten.t", "aten.transpose", "aten.permute", "aten.expand", "aten.unsqueeze",
+        "aten.squeeze", "aten.alias", "aten.slice", "aten.select")]
+    assert views and all(r.bytes == 0 for r in views)
+    assert is_view_op(torch.ops.aten.permute.default) and not is_view_op(torch.ops.aten.add_.Tensor)
+
+
+def test_traffic_records_the_depthwise_fast_path():
+    """The CPU fast path of a depth-wise layer (not a graph capture: a dispatch mode sees eager) is what is recorded:
+    its layout copies, the per-sample copy_ back to NCDHW; off, one convolution."""
+    import torch
+
+    from bench.traffic import record_forward
+    from medseg_nets.blocks.depthwise import DepthwiseConv3d
+
+    layer = DepthwiseConv3d(4, 3, dilation=2).eval()
+    x = torch.randn(2, 4, 6, 6, 6)
+    out_bytes = x.numel() * 4
+    with torch.inference_mode():
+        fast = record_forward(layer, x)
+        layer.cpu_fast_path = False
+        plain = record_forward(layer, x)
+    copies = [r for r in fast if r.op == "aten.copy_.default"]
+    assert len(copies) == 2  # from_ndhwc: one per sample
+    assert all(r.bytes_read == r.bytes_written == out_bytes // 2 for r in copies)
+    assert any(r.op == "aten.clone.default" for r in fast)  # to_ndhwc's contiguous copy
+    assert [r.op for r in plain if r.bytes] == ["aten.convolution.default"]
+    assert sum(r.flops for r in fast) == sum(r.flops for r in plain) > 0
+    assert sum(r.bytes for r in fast) > 2 * sum(r.bytes for r in plain)
+
+
+def test_roofline_arithmetic():
+    from bench.traffic import OpRecord, roofline
+
+    peaks = dict(conv3d_gflops_per_s=100.0, matmul_gflops_per_s=200.0, memory_gb_per_s=10.0)
+    records = [
+        OpRecord("aten.convolution.default", "conv", 2_000_000_000, 600_000_000, 400_000_000),  # 0.02 vs 0.1 s
+        OpRecord("aten.mm.default", "matmul", 4_000_000_000, 50_000_000, 50_000_000),  # 0.02 vs 0.01 s
+        OpRecord("aten.copy_.default", "other", 0, 250_000_000, 250_000_000),  # 0 vs 0.05 s
+        OpRecord("aten.copy_.default", "other", 0, 100_000_000, 100_000_000),  # 0 vs 0.02 s
+        OpRecord("aten.special.default", "other", 4_000_000_000, 0, 0),  # the higher peak: 0.02 s
+    ]
+    s = roofline(records, peaks, top=2)
+    assert s["roofline_s"] == pytest.approx(0.1 + 0.02 + 0.05 + 0.02 + 0.02)
+    assert s["compute_s"] == pytest.approx(0.02 + 0.02 + 0.02) and s["memory_s"] == pytest.approx(0.1 + 0.01 + 0.07)
+    assert s["memory_bound_share"] == pytest.approx((0.1 + 0.07) / 0.21)
+    assert s["gflops"] == pytest.approx(10.0) and s["gb_moved"] == pytest.approx(1.8)
+    assert s["gb_read"] == pytest.approx(1.0) and s["gb_written"] == pytest.approx(0.8)
+    assert [(o["op"], o["calls"]) for o in s["top_ops"]] == [("aten.convolution.default", 1),
+                                                             ("aten.copy_.default", 2)]
+    assert s["top_ops"][1]["gb"] == pytest.approx(0.7)
+    assert s["top_ops"][1]["roofline_share"] == pytest.approx(0.07 / 0.21)
+    # in a batch of 4 the parameters are read once: per input, 3/4 of their bytes less
+    records[0].param_bytes_read = 400_000_000  # the conv: 1.0 GB -> 0.7 GB per input, 0.07 s, still memory-bound
+    records[2].param_bytes_read = 200_000_000  # a copy: 0.5 GB -> 0.35 GB, 0.035 s
+    b = roofline(records, peaks, batch=4)
+    assert b["batch"] == 4 and b["param_gb_read"] == pytest.approx(0.6) and b["gb_moved"] == pytest.approx(1.8)
+    assert b["roofline_s"] == pytest.approx(0.07 + 0.02 + 0.035 + 0.02 + 0.02)
+    assert roofline(records, peaks)["roofline_s"] == pytest.approx(s["roofline_s"])  # batch 1: as recorded
+
+
+@pytest.mark.parametrize("image, roi, overlap", [
+    ((23, 30, 17), (8, 8, 8), 0.5), ((23, 30, 17), (16, 16, -1), 0.25), ((5, 30, 9), (8, 8, 8), 0.5),
+    ((20, 20, 20), (20, 7, 9), (0.5, 0.25, 0.0)),
+])
+def test_window_count_is_monai_sliding_window(image, roi, overlap):
+    """The floor's window count is the number of windows MONAI's sliding_window_inference runs the network on."""
+    import torch
+    from monai.inferers import sliding_window_inference
+
+    from bench.cases import window_count
+
+    seen = []
+
+    def predictor(x):
+        seen.append(x.shape[0])
+        return x
+
+    with torch.inference_mode():
+        sliding_window_inference(torch.zeros(1, 1, *image), roi, 1, predictor, overlap=overlap)
+    assert window_count(image, roi, overlap) == sum(seen) == len(seen)
+
+
+def test_case_floor_and_unreachable_goals():
+    from bench.cases import case_entry, case_floor, evaluate_goals
+
+    cropped = [138, 169, 138]
+    glims = case_floor(case_entry("glims"), dict(roofline_s=2.5), dict(wall_s=80.0, engine_s=70.0), cropped)
+    # 96^3 windows at overlap 0.5 (step 48): 2 x 3 x 2 over 138 x 169 x 138
+    assert glims["windows"] == 12 and glims["calls_per_window"] == 1 and glims["startup_s"] == pytest.approx(10.0)
+    assert glims["floor_s"] == pytest.approx(10.0 + 12 * 2.5) and glims["network_floor_s"] == pytest.approx(30.0)
+    # EMCAD: one 256 x 256 in-plane window holding every slice, the network once per slice
+    emcad = case_floor(case_entry("emcad"), dict(roofline_s=0.05), dict(wall_s=28.0, engine_s=None), cropped)
+    assert emcad["roi"] == [256, 256, -1] and emcad["windows"] == 1 and emcad["calls_per_window"] == 138
+    assert emcad["startup_s"] is None and emcad["floor_s"] == pytest.approx(138 * 0.05)
+    assert case_floor(case_entry("dalight3d"), dict(roofline_s=None), None, cropped) is None
+    # the roofline per window in the inferer's batches (weights read once a batch) is the one used when known
+    batched = case_floor(case_entry("dalight3d"), dict(roofline_s=0.2, traffic=dict(sw_batch=4,
+                                                                                  sw_batch_roofline_s=0.15)),
+                         dict(wall_s=20.0, engine_s=12.0), cropped)
+    assert batched["windows"] == 4 * 5 * 4 and batched["batch"] == 4 and batched["call_roofline_batch1_s"] == 0.2
+    assert batched["floor_s"] == pytest.approx(8.0 + 80 * 0.15)
+
+    patches = [dict(bundle="glims", model="GLIMS (bundle)", role="bundle", latency_s=4.0, roofline_s=2.5),
+               dict(bundle="glims", model="SwinUNETR", role="baseline", latency_s=7.0, roofline_s=3.0)]
+    cases = {"glims": _case(78.0), "emcad": _case(28.0)}
+    goals = {g["key"]: g for g in evaluate_goals(patches, cases, 2, 1.0, floors=dict(glims=glims, emcad=emcad))}
+    assert goals["case_glims"]["floor_s"] == pytest.approx(40.0) and goals["case_glims"]["below_floor"] is False
+    assert goals["case_emcad"]["below_floor"] is False  # 6.9 s < 10 s
+    assert goals["case_dalight3d"]["floor"] is None and goals["case_dalight3d"]["unreachable"] is None
+    assert goals["glims_vs_swinunetr"]["ceiling_ratio"] == pytest.approx(7.0 / 2.5)
+    assert goals["glims_vs_swinunetr"]["unreachable"] is True  # 2.8x at best: the 3x goal is out of reach
+    slow = dict(emcad, floor_s=12.0)
+    goals = {g["key"]: g for g in evaluate_goals(patches, cases, 2, 1.0, floors=dict(emcad=slow))}
+    assert goals["case_emcad"]["below_floor"] is True and goals["case_emcad"]["status"] == "fail"
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -3,11 +3,13 @@
 One command measures, in this order:
 
 1. the synthetic case (:mod:`bench.case_data`), made once and cached under ``--case-dir`` (``build/bench_case``);
-2. the machine's peaks at ``--threads`` (:mod:`bench.peaks`): fp32 matmul and dense 3x3x3 ``Conv3d`` GFLOP/s;
+2. the machine's peaks at ``--threads`` (:mod:`bench.peaks`): fp32 matmul and dense 3x3x3 ``Conv3d`` GFLOP/s, memory
+   bandwidth (copy and triad) GB/s;
 3. per network at its bundle's patch size (:func:`measure_patches`): GLIMS, MONAI SwinUNETR (feature size 48, the
-   GLIMS entry's baseline), DALight-3D and EMCAD (one 2D slice): GFLOPs (``FlopCounterMode``), the median forward
-   latency (all networks timed interleaved, round after round, so that a change of load hits them alike), GFLOP/s and
-   its share of the conv peak, and the SwinUNETR / GLIMS latency ratio;
+   GLIMS entry's baseline), DALight-3D and EMCAD (one 2D slice): GFLOPs (``FlopCounterMode``), the bytes its op
+   sequence moves and its roofline time at the machine's peaks (:mod:`bench.traffic`, one recorded forward), the
+   median forward latency (all networks timed interleaved, round after round, so that a change of load hits them
+   alike), GFLOP/s and its share of the conv peak, latency / roofline, and the SwinUNETR / GLIMS latency ratio;
 4. per BraTS bundle (:func:`run_whole_case`): ``python -m monai.bundle run`` of the bundle's own
    ``configs/inference.json`` on the case, in its native layout, in a fresh process with ``OMP_NUM_THREADS`` etc. set
    to ``--threads`` and a checkpoint of random weights of the bundle's ``network_def`` (no trained weights exist):
@@ -15,7 +17,10 @@ One command measures, in this order:
    resident set of the run's largest process (``os.wait4``'s resource usage of that one child and the processes it
    waited for, e.g. DataLoader workers: the largest of them, not their sum), CPU time, and a check that the
    prediction was written with the input's spatial shape;
-5. the goals of issue 16 (:func:`evaluate_goals`), pass or fail with the figure.
+5. the goals of issue 16 (:func:`evaluate_goals`), pass or fail with the figure, and for each whole-case goal the
+   floor (:func:`case_floor`): the run's own start-up (wall - evaluator time) + the number of sliding windows the
+   bundle's inferer takes on the cropped case x the per-window roofline of its network; a target below its floor
+   cannot be met with today's op sequence and window settings even at the machine's peaks.
 
 The random full-field volume through the inferer alone (what ``python tools/benchmark.py --all`` reports as "Whole
 volume s") stays in the default mode.
@@ -44,6 +49,7 @@ from bench.common import ROOT, log, short
 from bench.peaks import count_gflops, machine_peaks
 from bench.registry import Entry, FirstOutput, ModelSpec, resolve_entry
 from bench.report import finish_report, fmt, fmt_shape
+from bench.traffic import forward_roofline
 from medseg_nets.blocks.depthwise import set_cpu_fast_path
 
 #: the BraTS bundles run on the whole case, in the table's order
@@ -107,18 +113,21 @@ def patch_text(roi: Sequence[int]) -> str:
     return f"{roi[0]}^{len(roi)}" if len(set(roi)) == 1 else fmt_shape(roi)
 
 
-def measure_patches(bundles: Sequence[str], opts: argparse.Namespace, conv_peak: Optional[float]
-                    ) -> list[dict[str, Any]]:
+def measure_patches(bundles: Sequence[str], opts: argparse.Namespace, conv_peak: Optional[float],
+                    peaks: Optional[dict[str, Any]] = None) -> list[dict[str, Any]]:
     """GFLOPs and forward latency of each network of :func:`patch_entries` at its bundle's patch size (batch 1,
-    random weights and input, ``torch.inference_mode``). Every network is built first; after the FLOP-counting pass
-    and ``--warmup`` more, the ``--repeats`` timed forwards go round the networks in turn (interleaved)."""
+    random weights and input, ``torch.inference_mode``), and with ``peaks`` (:func:`bench.peaks.machine_peaks`) the
+    traffic and roofline of one forward (:func:`bench.traffic.forward_roofline`). Every network is built first;
+    after the FLOP-counting pass, the traffic pass and ``--warmup`` more, the ``--repeats`` timed forwards go round
+    the networks in turn (interleaved)."""
     rows, live = [], []
     for label, entry, spec in patch_entries(bundles, opts.scale):
         shape = [1, entry.in_channels, *entry.roi]
         row: dict[str, Any] = dict(network=label, bundle=entry.bundle, model=spec.name, role=spec.role,
                                    description=spec.description, input_shape=shape, patch=patch_text(entry.roi),
                                    params=None, gflops=None, latency_s=None, latencies_s=[], gflops_per_s=None,
-                                   conv_peak_fraction=None, errors=[])
+                                   conv_peak_fraction=None, gb_moved=None, roofline_s=None,
+                                   memory_bound_share=None, latency_over_roofline=None, traffic=None, errors=[])
         rows.append(row)
         try:
             torch.manual_seed(0)
@@ -135,6 +144,18 @@ def measure_patches(bundles: Sequence[str], opts: argparse.Namespace, conv_peak:
         except Exception as e:  # noqa: BLE001 - the row says so; the others go on
             row["errors"].append(f"{type(e).__name__}: {short(e)}")
             log(f"  {label}: failed: {short(e)}")
+            continue
+        if peaks is None:
+            continue
+        try:
+            traffic = forward_roofline(model, x, peaks, batch=max(1, int(entry.sw_batch_size)))
+            row.update(traffic=traffic, gb_moved=traffic["gb_moved"], roofline_s=traffic["roofline_s"],
+                       memory_bound_share=traffic["memory_bound_share"])
+            log(f"  {label}: {traffic['gb_moved']:.2f} GB moved by {traffic['ops']} ops, roofline "
+                f"{traffic['roofline_s']:.3f} s ({100 * traffic['memory_bound_share']:.0f}% memory-bound)")
+        except Exception as e:  # noqa: BLE001 - the row says so; latency is still measured
+            row["errors"].append(f"traffic: {type(e).__name__}: {short(e)}")
+            log(f"  {label}: traffic count failed: {short(e)}")
     with torch.inference_mode():
         for rep in range(opts.repeats):
             for row, model, x in live:
@@ -148,6 +169,8 @@ def measure_patches(bundles: Sequence[str], opts: argparse.Namespace, conv_peak:
         row["gflops_per_s"] = row["gflops"] / row["latency_s"]
         if conv_peak:
             row["conv_peak_fraction"] = row["gflops_per_s"] / conv_peak
+        if row["roofline_s"]:
+            row["latency_over_roofline"] = row["latency_s"] / row["roofline_s"]
     return rows
 
 
@@ -353,41 +376,136 @@ def _load1() -> Optional[float]:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# floors: the least a whole case can take with today's op sequence and window settings
+# --------------------------------------------------------------------------------------------------------------------
+def window_count(image_size: Sequence[int], roi_size: Sequence[int], overlap: Any) -> int:
+    """How many windows ``monai.inferers.sliding_window_inference`` takes on an image of ``image_size`` (spatial):
+    the same steps and helpers (``fall_back_tuple``: a ``roi_size`` of -1 or 0 is the whole axis; the image padded to
+    the roi where smaller; ``_get_scan_interval``; ``dense_patch_slices``), ``overlap`` one value or one per axis."""
+    from monai.data.utils import dense_patch_slices
+    from monai.inferers.utils import _get_scan_interval
+    from monai.utils import ensure_tuple_rep, fall_back_tuple
+
+    dims = len(image_size)
+    roi = fall_back_tuple(list(roi_size), list(image_size))
+    size = tuple(max(int(i), int(r)) for i, r in zip(image_size, roi))
+    scan = _get_scan_interval(size, roi, dims, ensure_tuple_rep(overlap, dims))
+    return len(dense_patch_slices(size, roi, scan))
+
+
+def floor_seconds(startup_s: Optional[float], windows: int, calls_per_window: int, call_roofline_s: float) -> float:
+    """start-up + windows x network calls per window x roofline seconds of one call (start-up 0 when unknown)."""
+    return (startup_s or 0.0) + windows * calls_per_window * call_roofline_s
+
+
+def case_floor(entry: Entry, patch: Optional[dict[str, Any]], case_row: Optional[dict[str, Any]],
+               cropped: Sequence[int]) -> Optional[dict[str, Any]]:
+    """The floor of a bundle's whole case (None without the network's roofline): its own start-up in this run (wall
+    - evaluator seconds of ``case_row``; None, counted as 0, when either is missing) + the sliding windows its
+    inferer takes on the ``cropped`` case (:func:`window_count` with the entry's roi and overlap) x the roofline of
+    the network's calls in a window (``patch``). A 3D network runs once per window; a slice-wise one (EMCAD:
+    in-plane windows holding every slice) once per slice of the window. The network runs on batches of windows or
+    slices (``sw_batch_size``, EMCAD's ``slice_batch``), which read the weights once per batch: the per-call roofline
+    is the patch's at that batch (``sw_batch_roofline_s`` of :func:`bench.traffic.forward_roofline`), every batch
+    counted full (a last, partial batch reads the weights once more: left out, the floor stays a lower bound)."""
+    if not patch or not patch.get("roofline_s"):
+        return None
+    per_call = (patch.get("traffic") or {}).get("sw_batch_roofline_s") or patch["roofline_s"]
+    batch = (patch.get("traffic") or {}).get("sw_batch", 1)
+    cropped = [int(c) for c in cropped]
+    if entry.dims == 2 and entry.slice_axis is not None:
+        axis = int(entry.slice_axis)
+        roi = list(entry.roi[:axis]) + [-1] + list(entry.roi[axis:])
+        calls = cropped[axis]
+    else:
+        roi, calls = list(entry.roi), 1
+    windows = window_count(cropped, roi, entry.overlap)
+    startup = None
+    if case_row and case_row.get("wall_s") is not None and case_row.get("engine_s") is not None:
+        startup = case_row["wall_s"] - case_row["engine_s"]
+    overlap = list(entry.overlap) if isinstance(entry.overlap, (list, tuple)) else entry.overlap
+    network_s = floor_seconds(None, windows, calls, per_call)
+    return dict(cropped=cropped, roi=roi, overlap=overlap, windows=windows, calls_per_window=calls, batch=batch,
+                call_roofline_s=per_call, call_roofline_batch1_s=patch["roofline_s"], network_floor_s=network_s,
+                startup_s=startup, floor_s=floor_seconds(startup, windows, calls, per_call))
+
+
+def case_floors(bundles: Sequence[str], patches: Sequence[dict[str, Any]], cases: dict[str, dict[str, Any]],
+                cropped: Optional[Sequence[int]], scale: float) -> dict[str, dict[str, Any]]:
+    """:func:`case_floor` of each bundle with a roofline, on the case's ``cropped`` size (the foreground bounding
+    box, :mod:`bench.case_data`: what ``CropForegroundd`` keeps; the case is 1 mm isotropic and the bundles' RAS
+    reorientation only flips its axes, so the box's sizes are those the inferer sees)."""
+    floors: dict[str, dict[str, Any]] = {}
+    if cropped is None:
+        return floors
+    for bundle in bundles:
+        patch = next((r for r in patches if r["bundle"] == bundle and r["role"] == "bundle"), None)
+        floor = case_floor(case_entry(bundle, scale), patch, cases.get(bundle), cropped)
+        if floor is not None:
+            floors[bundle] = floor
+    return floors
+
+
+def swin_over_glims_roofline(rows: Sequence[dict[str, Any]]) -> Optional[float]:
+    """SwinUNETR's measured patch latency / GLIMS's roofline: the most the per-patch ratio can be with GLIMS's op
+    sequence run at the machine's peaks (and SwinUNETR as measured); None if either is missing."""
+    glims = next((r for r in rows if r["bundle"] == "glims" and r["role"] == "bundle"), None)
+    swin = next((r for r in rows if r["bundle"] == "glims" and r["model"] == SWIN), None)
+    if not glims or not swin or not glims.get("roofline_s") or not swin.get("latency_s"):
+        return None
+    return swin["latency_s"] / glims["roofline_s"]
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # goals
 # --------------------------------------------------------------------------------------------------------------------
 def evaluate_goals(patches: Sequence[dict[str, Any]], cases: dict[str, dict[str, Any]], threads: int,
-                   scale: float, bundles: Sequence[str] = CASE_BUNDLES) -> list[dict[str, Any]]:
+                   scale: float, bundles: Sequence[str] = CASE_BUNDLES,
+                   floors: Optional[dict[str, dict[str, Any]]] = None) -> list[dict[str, Any]]:
     """Issue 16's goals, each with its figure and ``status``: ``pass``, ``fail``, ``not measured``, or ``n/a``
     when the run is not comparable (``--scale`` other than 1 or threads other than 2: ``result`` then says what the
-    figure would give). A whole case counts only with a prediction of the input's shape."""
+    figure would give). A whole case counts only with a prediction of the input's shape.
+
+    Each goal also says whether it is reachable with today's op sequence at the machine's peaks (``unreachable``:
+    True, False, or None when not known): a whole-case goal has its ``floor`` (:func:`case_floor`, from ``floors``),
+    ``floor_s`` and ``below_floor`` (the target below the floor); the per-patch ratio its ``ceiling_ratio``
+    (:func:`swin_over_glims_roofline`)."""
+    floors = floors or {}
     comparable = scale == 1.0 and threads == GOAL_THREADS
     why = None if comparable else (f"the goals are for the full-size case on {GOAL_THREADS} threads; this run: "
                                    f"--scale {scale:g}, {threads} thread(s)")
     goals: list[dict[str, Any]] = []
 
-    def add(key: str, goal: str, target: str, figure: Optional[str], result: Optional[bool]) -> None:
+    def add(key: str, goal: str, target: str, figure: Optional[str], result: Optional[bool], **extra: Any) -> None:
         status = "not measured" if result is None else ("pass" if result else "fail")
         goals.append(dict(key=key, goal=goal, target=target, figure=figure, result=status,
-                          status=status if comparable or result is None else "n/a", note=why))
+                          status=status if comparable or result is None else "n/a", note=why,
+                          **{"unreachable": None, **extra}))
 
     ratio = swin_glims_ratio(patches)
+    ceiling = swin_over_glims_roofline(patches)
     add("glims_vs_swinunetr", "GLIMS per-patch latency >= 3x lower than MONAI SwinUNETR(feature_size 48), same run",
         f">= {PATCH_RATIO_GOAL:g}x", None if ratio is None else f"{ratio:.2f}x",
-        None if ratio is None else ratio >= PATCH_RATIO_GOAL)
+        None if ratio is None else ratio >= PATCH_RATIO_GOAL, ceiling_ratio=ceiling,
+        unreachable=None if ceiling is None else ceiling < PATCH_RATIO_GOAL)
     for bundle in ("dalight3d", "glims", "emcad"):
         limit = CASE_GOALS_S[bundle]
         row = cases.get(bundle)
+        floor = floors.get(bundle) if bundle in bundles else None
+        below = None if floor is None else limit < floor["floor_s"]
+        extra = dict(floor=floor, floor_s=None if floor is None else floor["floor_s"], below_floor=below,
+                     unreachable=below)
         if row is None or bundle not in bundles:
             add(f"case_{bundle}", f"whole BraTS case through bundles/{bundle} inference.json, {GOAL_THREADS} threads",
-                f"<= {limit:g} s", None, None)
+                f"<= {limit:g} s", None, None, **extra)
             continue
         if row.get("wall_s") is None or not row.get("ok"):
             figure = "failed: " + "; ".join(row.get("errors") or ["no valid prediction"])[:200]
             add(f"case_{bundle}", f"whole BraTS case through bundles/{bundle} inference.json, {GOAL_THREADS} threads",
-                f"<= {limit:g} s", figure, False)
+                f"<= {limit:g} s", figure, False, **extra)
             continue
         add(f"case_{bundle}", f"whole BraTS case through bundles/{bundle} inference.json, {GOAL_THREADS} threads",
-            f"<= {limit:g} s", f"{row['wall_s']:.1f} s", row["wall_s"] <= limit)
+            f"<= {limit:g} s", f"{row['wall_s']:.1f} s", row["wall_s"] <= limit, **extra)
     measured = {b: cases[b].get("peak_rss_mib") for b in bundles if b in cases}
     if not measured:
         add("case_peak_memory", "peak memory of each whole case stated", "stated", None, None)
@@ -421,15 +539,37 @@ def _rate_text(row: dict[str, Any]) -> str:
     return text
 
 
+def _seconds_text(sec: Optional[float]) -> str:
+    if sec is None:
+        return "—"
+    return f"{sec:.1f} s" if sec >= 10 else (f"{sec:.2f} s" if sec >= 0.1 else f"{sec * 1000:.1f} ms")
+
+
+def _floor_text(goal: dict[str, Any]) -> str:
+    """The goals table's floor cell: the floor (or the ratio's ceiling), how it is made, reachable or not."""
+    verdict = {True: "target below it: unreachable at the peaks", False: "target above it"}
+    if goal.get("ceiling_ratio") is not None:
+        return (f"{goal['ceiling_ratio']:.2f}x (SwinUNETR's latency / GLIMS's roofline): "
+                + {True: "target above it: unreachable at the peaks", False: "target below it"}[goal["unreachable"]])
+    floor = goal.get("floor")
+    if not floor:
+        return "—"
+    calls = f" x {floor['calls_per_window']} slices" if floor["calls_per_window"] != 1 else ""
+    startup = "start-up not measured" if floor["startup_s"] is None else f"start-up {floor['startup_s']:.1f} s"
+    batch = f" (in batches of {floor['batch']})" if floor.get("batch", 1) > 1 else ""
+    return (f"{floor['floor_s']:.1f} s = {startup} + {floor['windows']} window(s){calls} x "
+            f"{_seconds_text(floor['call_roofline_s'])}{batch}: {verdict[goal['below_floor']]}")
+
+
 def render_cases(report: dict[str, Any]) -> list[str]:
     """The sections of the ``--cases`` report (under the common header)."""
     peaks, patches, cases, goals, case = (report["peaks"], report["patches"], report["cases"], report["goals"],
                                           report["case"])
     field = "x".join(map(str, [case["info"]["channels"], *case["info"]["field"]])) if case else "—"
     lines = ["## Cost per patch and per whole case", "",
-             f"| network (bundle's inference path) | patch | GFLOPs | latency | GFLOP/s | whole {field} case | "
-             "whole-case peak RSS |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+             f"| network (bundle's inference path) | patch | GFLOPs | latency | GFLOP/s | GB moved | roofline | "
+             f"latency / roofline | whole {field} case | whole-case peak RSS |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in patches:
         c = cases.get(r["bundle"]) if r["role"] == "bundle" else None
         if c is None:
@@ -440,17 +580,31 @@ def render_cases(report: dict[str, Any]) -> list[str]:
             whole, mem = f"{c['wall_s']:.1f} s", f"{c['peak_rss_mib']:.0f} MiB"
         name = r["network"] + (" (failed, see notes)" if r["errors"] else "")
         gflops = "—" if r["gflops"] is None else f"{r['gflops']:.3g}"
-        lines.append(f"| {name} | {r['patch']} | {gflops} | {_latency_text(r)} | {_rate_text(r)} | {whole} | "
-                     f"{mem} |")
+        moved = "—" if r.get("gb_moved") is None else f"{r['gb_moved']:.3g}"
+        over = "—" if r.get("latency_over_roofline") is None else f"{r['latency_over_roofline']:.1f}x"
+        lines.append(f"| {name} | {r['patch']} | {gflops} | {_latency_text(r)} | {_rate_text(r)} | {moved} | "
+                     f"{_seconds_text(r.get('roofline_s'))} | {over} | {whole} | {mem} |")
     ratio = swin_glims_ratio(patches)
     lines += ["",
+              "GB moved: the bytes one forward's ATen ops read and write (each op's input and output tensors once; "
+              "views none), `tools/bench/traffic.py`. Roofline: the time that op sequence takes at the machine's "
+              "peaks below, each op at max(FLOPs / compute peak, bytes / memory peak), summed; latency / roofline "
+              "is how far the forward is from it (1x: at the machine's limit).",
+              "",
               "GLIMS / SwinUNETR(48) per-patch latency, same run: " + (
                   f"SwinUNETR takes {ratio:.2f}x GLIMS's time (goal >= {PATCH_RATIO_GOAL:g}x)." if ratio is not None
                   else "not measured."), ""]
-    lines += ["## Goals (issue 16)", "", "| goal | target | measured | status |", "|---|---|---|---|"]
+    lines += ["## Goals (issue 16)", "",
+              "| goal | target | measured | status | floor at the machine's peaks (today's op sequence) |",
+              "|---|---|---|---|---|"]
     for g in goals:
         status = g["status"] if g["status"] != "n/a" else f"n/a (at these sizes: {g['result']})"
-        lines.append(f"| {g['goal']} | {g['target']} | {g['figure'] or '—'} | {status} |")
+        lines.append(f"| {g['goal']} | {g['target']} | {g['figure'] or '—'} | {status} | {_floor_text(g)} |")
+    lines += ["", "Floor of a whole case: this run's start-up of the bundle (wall - evaluator seconds) + the sliding "
+                  "windows its inferer takes on the cropped case (MONAI's own window arithmetic) x the roofline of "
+                  "the network's calls per window (one per window in 3D, one per slice for EMCAD; in the inferer's "
+                  "batches, the weights read once a batch); a target below it cannot be met with today's op "
+                  "sequence and window settings, even at the machine's peaks."]
     if any(g["status"] == "n/a" for g in goals):
         lines += ["", f"Not applicable: {next(g['note'] for g in goals if g['note'])}."]
     lines += ["", "## Machine peaks", ""]
@@ -462,6 +616,13 @@ def render_cases(report: dict[str, Any]) -> list[str]:
                          f"{k['median_gflops_per_s']:.1f} |")
         lines += ["", f"Conv peak (the best dense Conv3d above): {peaks['conv3d_gflops_per_s']:.1f} GFLOP/s; fp32 "
                       f"matmul peak: {peaks['matmul_gflops_per_s']:.1f} GFLOP/s."]
+        if peaks.get("memory"):
+            lines += ["", "| memory kernel | GB read + written per call | best GB/s | median GB/s |",
+                      "|---|---:|---:|---:|"]
+            for k in peaks["memory"]:
+                lines.append(f"| {k['what']} | {k['gbytes']:.3f} | {k['best_gb_per_s']:.1f} | "
+                             f"{k['median_gb_per_s']:.1f} |")
+            lines += ["", f"Memory peak (the faster of the two): {peaks['memory_gb_per_s']:.1f} GB/s."]
     else:
         lines.append("Not measured.")
     lines += ["", "## Per patch", "",
@@ -474,6 +635,27 @@ def render_cases(report: dict[str, Any]) -> list[str]:
         each = ", ".join(f"{t:.3f}" for t in r["latencies_s"]) or "—"
         lines.append(f"| {r['network']} | {r['description']} | {fmt_shape(r['input_shape'])} | "
                      f"{fmt(r['params'], ',')} | {fmt(r['gflops'], '.2f')} | {each} |")
+    traffic = [r for r in patches if r.get("traffic")]
+    if traffic:
+        lines += ["", "Roofline of one forward (`tools/bench/traffic.py`): ATen ops recorded under "
+                      "torch.inference_mode, as eager PyTorch runs them (composite ops as the kernels they call); "
+                      "compute at the conv peak for convolutions, the matmul peak for matrix products, memory at the "
+                      "memory peak; memory-bound: the share of the roofline in ops whose bytes take longer than their "
+                      "FLOPs; per input in the inferer's batch: the roofline with the parameters' bytes (GB read of "
+                      "them in brackets) read once a batch; the ops that move the most bytes, with their share of the "
+                      "roofline.", "",
+                  "| network | ops | GB read (parameters) | GB written | roofline | compute only | memory only | "
+                  "memory-bound | per input in the inferer's batch | most bytes |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for r in traffic:
+            t = r["traffic"]
+            top = "; ".join(f"{o['op'].removeprefix('aten.')} x{o['calls']} {o['gb']:.3g} GB "
+                            f"({100 * (o['roofline_share'] or 0):.0f}%)" for o in t["top_ops"][:5])
+            lines.append(f"| {r['network']} | {t['ops']} | {t['gb_read']:.3g} ({t['param_gb_read']:.3g}) | "
+                         f"{t['gb_written']:.3g} | {_seconds_text(t['roofline_s'])} | "
+                         f"{_seconds_text(t['compute_s'])} | {_seconds_text(t['memory_s'])} | "
+                         f"{100 * (t['memory_bound_share'] or 0):.0f}% | "
+                         f"{_seconds_text(t['sw_batch_roofline_s'])} (batch {t['sw_batch']}) | {top} |")
     lines += ["", "## Whole case", ""]
     if case:
         info = case["info"]
@@ -540,7 +722,7 @@ def run_cases(bundles: Sequence[str], opts: argparse.Namespace, meta: dict[str, 
     log(f"machine peaks at {threads} thread(s)")
     peaks = machine_peaks(opts.scale, max(opts.repeats, 3), log=log)
     log("per patch: " + ", ".join(bundles))
-    patches = measure_patches(bundles, opts, peaks["conv3d_gflops_per_s"])
+    patches = measure_patches(bundles, opts, peaks["conv3d_gflops_per_s"], peaks)
     cases: dict[str, dict[str, Any]] = {}
     if case is not None:
         for bundle in bundles:
@@ -552,9 +734,10 @@ def run_cases(bundles: Sequence[str], opts: argparse.Namespace, meta: dict[str, 
                 cases[bundle] = dict(bundle=bundle, layout=case.input_for(bundle)[1], command="", runs=[],
                                      wall_s=None, engine_s=None, peak_rss_mib=None, cpu_s=None, prediction=None,
                                      ok=False, errors=[f"{type(e).__name__}: {short(e)}"])
-    goals = evaluate_goals(patches, cases, threads, opts.scale, bundles)
+    floors = case_floors(bundles, patches, cases, case.info["extent"] if case else None, opts.scale)
+    goals = evaluate_goals(patches, cases, threads, opts.scale, bundles, floors)
     report: dict[str, Any] = dict(meta=meta, peaks=peaks, patches=patches, case=case.as_dict() if case else None,
-                                  cases=cases, goals=goals)
+                                  cases=cases, floors=floors, goals=goals)
     notes = ["- Issue 16's table, re-measured by one command: the machine's peaks, each network per patch and each "
              "BraTS bundle on a whole synthetic case; random weights (cost, not accuracy)."]
     extra = ", ".join(f"{k} {v}" for k, v in meta["versions_extra"].items())
