@@ -60,7 +60,7 @@ benchmark: $(STAMP)
 # issue 16's table: machine peaks, cost per patch, a whole synthetic BraTS case through each BraTS bundle, goals
 # (2 threads; several minutes: three whole-case runs and the per-patch timings; the case is cached in build/bench_case)
 benchmark-cases: $(STAMP)
-	$(PY) tools/benchmark.py --cases --threads 2 --out build/benchmark_cases.md --json build/benchmark_cases.json
+	$(PY) tools/benchmark.py --cases --threads 2 --case-repeats 3 --out build/benchmark_cases.md --json build/benchmark_cases.json
 
 clean-demo:
 	rm -rf demo_out

@@ -631,3 +631,46 @@ def test_runtimes_mode_report(tmp_path):
     assert [r["runtime"] for r in res["rows"]] == ["eager"] and len(res["rows"][0]["times_s"]) == 1
     text = md.read_text()
     assert "# medseg-bundles inference runtimes" in text and "| DALight3D (bundle), 1x4x16x16x16 | eager |" in text
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# --case-runtime: the bundles' runtime switch on the whole case
+# ---------------------------------------------------------------------------------------------------------------------
+def test_runtime_from_log_and_cache_clearing(tmp_path):
+    from bench.cases import bundle_command, clear_runtime_cache, runtime_from_log
+
+    ran = ("x - RuntimeNetwork: openvino runs DALight3D for input ['B', 4, 64, 64, 64] (new export /a.onnx)\n"
+           "x - RuntimeNetwork: openvino output within 8.8e-05 x range of eager PyTorch (max |diff| 0.0007, ...)\n")
+    assert runtime_from_log(ran) == dict(runtime="openvino", diff_over_range=8.8e-05, turned_off=None)
+    off = ran + "x - RuntimeNetwork: openvino unavailable, running DALight3D in eager PyTorch: output differs\n"
+    assert runtime_from_log(off)["runtime"] == "eager" and runtime_from_log(off)["turned_off"] == "output differs"
+    assert runtime_from_log("nothing logged")["runtime"] == "eager"
+    ckpt = tmp_path / "net.pt"
+    for name in ("net.pt", "net.pt.4x64x64x64.onnx", "net.pt.4x64x64x64.json", "other.pt.4x8.onnx"):
+        (tmp_path / name).write_text("x")
+    assert clear_runtime_cache(ckpt) == ["net.pt.4x64x64x64.json", "net.pt.4x64x64x64.onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net.pt", "other.pt.4x8.onnx"]
+    cmd = bundle_command("dalight3d", tmp_path, ckpt, tmp_path / "out", runtime="openvino")
+    assert cmd[-2:] == ["--runtime", "openvino"]
+    assert "--runtime" not in bundle_command("dalight3d", tmp_path, ckpt, tmp_path / "out", runtime="eager")
+
+
+@pytest.mark.skipif("openvino" not in __import__("medseg_nets.runtime").runtime.available_runtimes(),
+                    reason="openvino not installed")
+def test_whole_case_with_runtime_openvino(tmp_path):
+    """run_whole_case with --case-runtime openvino on a tiny case: a first run that exports (apart), then the timed
+    run reusing the export; the log says OpenVINO ran and how close it came to eager PyTorch."""
+    import argparse
+
+    from bench.case_data import cached_case
+    from bench.cases import case_entry, run_whole_case
+
+    case = cached_case(tmp_path / "case", scale=0.12, seed=0)
+    opts = argparse.Namespace(scale=0.12, threads_used=1, case_repeats=1, case_timeout=600.0, case_runtime="openvino")
+    row = run_whole_case(case_entry("dalight3d", scale=0.12), case, opts, tmp_path / "work")
+    assert row["ok"], row["errors"]
+    first = row["first_run"]
+    assert first["runtime"] == "openvino" and "exporting DALight3D" in open(first["log"]).read()
+    assert row["runtime"] == "openvino" and 0 <= row["runs"][0]["diff_over_range"] <= 1e-4
+    assert "(cached export" in open(row["runs"][0]["log"]).read()
+    assert row["command"].endswith("--runtime openvino") and row["prediction"]["ok"]

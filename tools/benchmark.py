@@ -144,6 +144,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--case-timeout", type=float, default=3600.0,
                    help="--cases: seconds after which a whole-case run is killed")
     p.add_argument("--case-seed", type=int, default=0, help="--cases: seed of the synthetic case")
+    p.add_argument("--case-runtime", default="eager", choices=("eager", "openvino", "onnxruntime"),
+                   help="--cases: run the bundles' whole cases with `--runtime NAME` (their inference.json switch); "
+                        "a first run pays the export and is reported apart")
     p.add_argument("--sweep-batches", default="1,2,4,8,16",
                    help="sliding-window batch sizes tried by --sweep besides the bundle's own (comma-separated)")
     p.add_argument("--sweep-no-amp", action="store_true",

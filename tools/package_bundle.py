@@ -48,7 +48,6 @@ The exit status is non-zero when any bundle fails.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import sys
@@ -63,6 +62,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # verify_bundle, when imported from elsewhere
 
 from verify_bundle import BUNDLES_DIR, all_bundles  # noqa: E402
+
+from medseg_nets.utils import file_sha256  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "build" / "zoo"
@@ -90,14 +91,6 @@ class Package:
     @property
     def url(self) -> str:
         return self.zip_path.resolve().as_uri()
-
-
-def sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_version(bundle: Path) -> str:
@@ -177,7 +170,7 @@ def package(bundle: str | Path, out_dir: str | Path = DEFAULT_OUT, base_url: str
         asset = out_dir / f"{prefix}_{'_'.join(rel.parts[1:])}"
         atomic_write(asset, lambda tmp, src=bundle / rel: shutil.copyfile(src, tmp))
         assets.append(asset)
-        entries.append({"path": rel.as_posix(), "url": f"{base}/{asset.name}", "hash_val": sha256(asset),
+        entries.append({"path": rel.as_posix(), "url": f"{base}/{asset.name}", "hash_val": file_sha256(asset),
                         "hash_type": "sha256"})
     if entries and Path(LARGE_FILES) in files:
         log(f"  {name}: models/ holds weights, so its {LARGE_FILES} is replaced by a new one")
@@ -196,7 +189,7 @@ def package(bundle: str | Path, out_dir: str | Path = DEFAULT_OUT, base_url: str
                 _add(zf, arcname, src if isinstance(src, bytes) else src.read_bytes())
 
     zip_path = atomic_write(out_dir / f"{prefix}.zip", write)
-    log(f"  wrote {zip_path} ({len(contents)} files, sha256 {sha256(zip_path)})")
+    log(f"  wrote {zip_path} ({len(contents)} files, sha256 {file_sha256(zip_path)})")
     if skipped:
         log(f"  left out: {', '.join(skipped)}")
     for e, asset in zip(entries, assets):
@@ -226,7 +219,7 @@ def _check(pkg: Package, bundle_dir: Path, log: Callable[[str], None]) -> list[s
     with warnings.catch_warnings():  # download() takes no hash for a url: the zip's sha256 is compared below
         warnings.filterwarnings("ignore", message="No hash value provided")
         download(name=pkg.name, version=pkg.version, bundle_dir=str(bundle_dir), url=pkg.url, progress=False)
-    if sha256(bundle_dir / f"{pkg.name}.zip") != sha256(pkg.zip_path):
+    if file_sha256(bundle_dir / f"{pkg.name}.zip") != file_sha256(pkg.zip_path):
         return [f"the downloaded {pkg.name}.zip differs from {pkg.zip_path}"]
     root = bundle_dir / pkg.name
     missing = [f for f in pkg.files if not (bundle_dir / f).is_file()]
@@ -241,7 +234,7 @@ def _check(pkg: Package, bundle_dir: Path, log: Callable[[str], None]) -> list[s
         log(f"  check: python -m monai.bundle download_large_files --bundle_path {root}")
         download_large_files(bundle_path=str(root))  # raises HashCheckError on a sha256 mismatch
         for e in pkg.large_files:
-            if sha256(root / e["path"]) != e["hash_val"]:
+            if file_sha256(root / e["path"]) != e["hash_val"]:
                 return [f"{e['path']}: sha256 differs from large_files.yml after download"]
         log(f"  check: {len(pkg.large_files)} large file(s) fetched, sha256 verified")
 

@@ -32,7 +32,7 @@ from medseg_nets.nets.pvtv2 import (
     PyramidVisionTransformerV2,
     load_pvtv2_pretrained,
 )
-from medseg_nets.nets.slicewise import slices_to_volume, volume_to_slices
+from medseg_nets.nets.slicewise import cat_chunks, slices_to_volume, volume_to_slices
 
 __all__ = ["EMCADDecoder", "EMCADNet", "EMCAD"]
 
@@ -286,10 +286,7 @@ class EMCADNet(nn.Module):
         if self.training or self.slice_batch < 1 or slices.shape[0] <= self.slice_batch:
             heads = self._heads(slices, all_heads)
         else:
-            chunks: List[List[torch.Tensor]] = []
-            for chunk in torch.split(slices, self.slice_batch):
-                chunks.append(self._heads(chunk, all_heads))
-            heads = [torch.cat([c[i] for c in chunks]) for i in range(len(chunks[0]))]
+            heads = cat_chunks([self._heads(chunk, all_heads) for chunk in torch.split(slices, self.slice_batch)])
         return [slices_to_volume(h, x.shape[0], axis, pad) for h in heads]
 
     @torch.jit.export

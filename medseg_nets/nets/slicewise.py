@@ -26,7 +26,7 @@ from typing import Callable, List, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-__all__ = ["volume_to_slices", "slices_to_volume", "padding_to_multiple", "slicewise"]
+__all__ = ["volume_to_slices", "slices_to_volume", "padding_to_multiple", "slicewise", "cat_chunks"]
 
 
 def _check_axis(slice_axis: int) -> int:
@@ -87,9 +87,16 @@ def slicewise(
     slices, pad = volume_to_slices(x, slice_axis, divisor)
     chunks = [slices] if slice_batch < 1 else torch.split(slices, slice_batch)
     outs = [network(chunk) for chunk in chunks]
-    if isinstance(outs[0], torch.Tensor):
-        return slices_to_volume(torch.cat(outs) if len(outs) > 1 else outs[0], b, slice_axis, pad)
-    return [
-        slices_to_volume(torch.cat([o[i] for o in outs]) if len(outs) > 1 else outs[0][i], b, slice_axis, pad)
-        for i in range(len(outs[0]))
-    ]
+    single = isinstance(outs[0], torch.Tensor)
+    heads = cat_chunks([[o] if single else list(o) for o in outs])
+    volumes = [slices_to_volume(h, b, slice_axis, pad) for h in heads]
+    return volumes[0] if single else volumes
+
+
+def cat_chunks(chunks: List[List[torch.Tensor]]) -> List[torch.Tensor]:
+    """The outputs of a network run chunk by chunk (``chunks[k][i]``: output ``i`` of chunk ``k``), each output's
+    chunks concatenated along the batch axis (one chunk: its outputs as they are). TorchScript-compatible, for
+    networks that chunk their own forward (:class:`~medseg_nets.nets.emcad.EMCADNet`)."""
+    if len(chunks) == 1:
+        return chunks[0]
+    return [torch.cat([c[i] for c in chunks]) for i in range(len(chunks[0]))]

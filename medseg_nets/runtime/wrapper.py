@@ -36,6 +36,8 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
+from medseg_nets.utils.fileio import file_sha256
+
 __all__ = ["RUNTIMES", "RuntimeNetwork", "available_runtimes", "file_sha256"]
 
 logger = logging.getLogger(__name__)
@@ -68,14 +70,6 @@ def _missing_packages(runtime: str) -> list[str]:
 def available_runtimes() -> list[str]:
     """The runtimes whose packages import here (``eager`` always)."""
     return [r for r in RUNTIMES if not _missing_packages(r)]
-
-
-def file_sha256(path: os.PathLike | str, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def weights_sha256(net: nn.Module) -> str:

@@ -8,6 +8,7 @@ from .fileio import (
     atomic_write_json,
     atomic_write_text,
     discard_provisional,
+    file_sha256,
     prepare_output_dir,
     provisional,
 )

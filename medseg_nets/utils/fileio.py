@@ -1,7 +1,9 @@
-"""Crash-safe file writing: a reader sees either the previous complete file or the new complete one."""
+"""Crash-safe file writing: a reader sees either the previous complete file or the new complete one; a file's
+sha256."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -18,6 +20,7 @@ __all__ = [
     "discard_provisional",
     "clear_provisional",
     "prepare_output_dir",
+    "file_sha256",
 ]
 
 #: files this run created that must not outlive a run stopped by bad input (predictions, the split file)
@@ -136,3 +139,12 @@ def prepare_output_dir(path: str | os.PathLike) -> Path:
             "(set --output_dir/--ckpt_dir)"
         ) from e
     return p
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file's bytes, read in ``chunk``-byte blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -199,9 +199,11 @@ def child_env(threads: int, cpu_only: bool = True, base: Optional[dict[str, str]
 
 
 def bundle_command(bundle: str, dataset_dir: Path, ckpt: Path, out_dir: Path,
-                   roi: Optional[Sequence[int]] = None, python: str = sys.executable) -> list[str]:
+                   roi: Optional[Sequence[int]] = None, python: str = sys.executable,
+                   runtime: Optional[str] = None) -> list[str]:
     """``python -m monai.bundle run`` of ``bundles/<bundle>/configs/inference.json`` (with its metadata and logging
-    files) on ``dataset_dir``, writing to ``out_dir``; ``roi`` overrides the config's ``roi_size`` (``--scale``)."""
+    files) on ``dataset_dir``, writing to ``out_dir``; ``roi`` overrides the config's ``roi_size`` (``--scale``),
+    ``runtime`` its ``runtime`` (``--case-runtime``; the default ``eager`` adds nothing)."""
     cfg = ROOT / "bundles" / bundle / "configs"
     cmd = [python, "-m", "monai.bundle", "run", "--config_file", str(cfg / "inference.json")]
     if (cfg / "metadata.json").is_file():
@@ -212,7 +214,36 @@ def bundle_command(bundle: str, dataset_dir: Path, ckpt: Path, out_dir: Path,
             "--ckpt_path", str(ckpt), "--output_dir", str(out_dir)]
     if roi is not None:
         cmd += ["--roi_size", "[" + ",".join(str(int(r)) for r in roi) + "]"]
+    if runtime and runtime != "eager":
+        cmd += ["--runtime", runtime]
     return cmd
+
+
+_RUNTIME_RAN = re.compile(r"RuntimeNetwork: (\w+) runs ")
+_RUNTIME_CHECK = re.compile(r"RuntimeNetwork: \w+ output within (\S+) x range")
+_RUNTIME_OFF = re.compile(r"RuntimeNetwork: \w+ unavailable, running \w+ in eager PyTorch: (.*)")
+
+
+def runtime_from_log(log_text: str) -> dict[str, Any]:
+    """What ``medseg_nets.runtime.RuntimeNetwork`` logged in a run: the runtime that ran the network (``eager``
+    when none did or it was turned off), its check against eager PyTorch (fraction of the output range) and why it
+    was turned off, if it was."""
+    ran = _RUNTIME_RAN.findall(log_text)
+    off = _RUNTIME_OFF.findall(log_text)
+    checks = [float(v) for v in _RUNTIME_CHECK.findall(log_text)]
+    return dict(runtime=ran[-1] if ran and not off else "eager", diff_over_range=max(checks) if checks else None,
+                turned_off=off[-1].strip() if off else None)
+
+
+def clear_runtime_cache(ckpt: Path) -> list[str]:
+    """Remove the exports ``RuntimeNetwork`` cached beside ``ckpt`` (``<ckpt>.<shape>.onnx`` and its ``.json``), so
+    that a first run pays the export as a user's first run does; returns the names removed."""
+    removed = []
+    for path in sorted(ckpt.parent.glob(f"{ckpt.name}.*")):
+        if path.suffix in (".onnx", ".json"):
+            path.unlink()
+            removed.append(path.name)
+    return removed
 
 
 #: the small process between this one and a whole-case run (see :func:`run_child`): starts the command, waits for it
@@ -313,13 +344,28 @@ def run_whole_case(entry: Entry, case: CaseFiles, opts: argparse.Namespace, work
     ckpt = random_checkpoint(spec, work / "weights" / f"{bundle}_random_seed0.pt")
     roi = list(entry.roi) if opts.scale != 1.0 else None
     out_dir = work / "out" / bundle
-    cmd = bundle_command(bundle, dataset_dir, ckpt, out_dir, roi)
+    runtime = getattr(opts, "case_runtime", "eager") or "eager"
+    cmd = bundle_command(bundle, dataset_dir, ckpt, out_dir, roi, runtime=runtime)
     env = child_env(opts.threads_used)
     field = case.info["field"]
     row: dict[str, Any] = dict(bundle=bundle, layout=layout, dataset_dir=str(dataset_dir), command=shlex.join(cmd),
                                env={v: env[v] for v in (*THREAD_VARS, "CUDA_VISIBLE_DEVICES")},
                                roi_override=roi, runs=[], wall_s=None, engine_s=None, peak_rss_mib=None,
-                               cpu_s=None, prediction=None, ok=False, errors=[])
+                               cpu_s=None, prediction=None, ok=False, errors=[], runtime_requested=runtime,
+                               first_run=None, runtime=None)
+    if runtime != "eager":
+        # the export (and its check) is a one-off cost of a user's first run: measured apart, not in the median
+        clear_runtime_cache(ckpt)
+        log_path = work / "logs" / f"{bundle}_first_run.log"
+        log(f"  {bundle}: whole case, first run with --runtime {runtime} (export): {shlex.join(cmd)}")
+        first = run_child(cmd, env, log_path, opts.case_timeout)
+        text = log_path.read_text(errors="replace")
+        first.update(log=str(log_path), engine_s=engine_seconds(text), **runtime_from_log(text))
+        row["first_run"] = first
+        if first["timed_out"] or first["returncode"] != 0:
+            row["errors"].append(f"first run: exit status {first['returncode']}; log {log_path}: "
+                                 f"{_tail(log_path, 3)}")
+            return row
     for rep in range(opts.case_repeats):
         if out_dir.exists():
             shutil.rmtree(out_dir)  # this tool's own output folder of the previous run
@@ -327,8 +373,9 @@ def run_whole_case(entry: Entry, case: CaseFiles, opts: argparse.Namespace, work
         load_before = _load1()
         log(f"  {bundle}: whole case, run {rep + 1}/{opts.case_repeats}: {shlex.join(cmd)}")
         run = run_child(cmd, env, log_path, opts.case_timeout)
-        run.update(log=str(log_path), load_before=load_before, load_after=_load1(),
-                   engine_s=engine_seconds(log_path.read_text(errors="replace")))
+        text = log_path.read_text(errors="replace")
+        run.update(log=str(log_path), load_before=load_before, load_after=_load1(), engine_s=engine_seconds(text),
+                   **runtime_from_log(text))
         row["runs"].append(run)
         if run["timed_out"] or run["returncode"] != 0:
             what = f"timed out after {opts.case_timeout:.0f} s" if run["timed_out"] else \
@@ -351,6 +398,7 @@ def run_whole_case(entry: Entry, case: CaseFiles, opts: argparse.Namespace, work
         row["cpu_s"] = statistics.median(r["cpu_s"] for r in good)
         engine = [r["engine_s"] for r in good if r["engine_s"] is not None]
         row["engine_s"] = statistics.median(engine) if engine else None
+        row["runtime"] = good[-1]["runtime"]
     return row
 
 
@@ -561,6 +609,29 @@ def _floor_text(goal: dict[str, Any]) -> str:
             f"{_seconds_text(floor['call_roofline_s'])}{batch}: {verdict[goal['below_floor']]}")
 
 
+def _runtime_text(report: dict[str, Any]) -> str:
+    runtime = report["meta"].get("case_runtime") or "eager"
+    return "" if runtime == "eager" else f", with `--runtime {runtime}` (opt-in; default eager PyTorch)"
+
+
+def _runtime_lines(cases: dict[str, dict[str, Any]]) -> list[str]:
+    """Which runtime ran each bundle's network and its first run (the export), for ``--case-runtime``."""
+    rows = [(b, c) for b, c in cases.items() if (c.get("runtime_requested") or "eager") != "eager"]
+    if not rows:
+        return []
+    lines = ["", f"Runtime (`--case-runtime`): the first run exports the network (cached beside the checkpoint) and "
+                 "is not in the median above.", "",
+             "| bundle | requested | ran | first run s (export) | output vs eager, of the range | turned off because |",
+             "|---|---|---|---:|---:|---|"]
+    for b, c in rows:
+        first = c.get("first_run") or {}
+        diff = c["runs"][-1].get("diff_over_range") if c["runs"] else first.get("diff_over_range")
+        off = (c["runs"][-1].get("turned_off") if c["runs"] else None) or first.get("turned_off") or "—"
+        lines.append(f"| {b} | {c['runtime_requested']} | {c.get('runtime') or first.get('runtime') or '—'} | "
+                     f"{fmt(first.get('wall_s'), '.1f')} | {fmt(diff, '.2g')} | {off} |")
+    return lines
+
+
 def render_cases(report: dict[str, Any]) -> list[str]:
     """The sections of the ``--cases`` report (under the common header)."""
     peaks, patches, cases, goals, case = (report["peaks"], report["patches"], report["cases"], report["goals"],
@@ -668,7 +739,8 @@ def render_cases(report: dict[str, Any]) -> list[str]:
             f"{'reused from' if case['reused'] else 'written to'} `{case['folder']}`.",
             "",
             f"Each bundle: a fresh `python -m monai.bundle run` of its `configs/inference.json` as shipped (its "
-            f"preprocessing crops the foreground), random weights of its `network_def` as `--ckpt_path`, "
+            f"preprocessing crops the foreground){_runtime_text(report)}, random weights of its `network_def` as "
+            f"`--ckpt_path`, "
             f"{thread_env}, no CUDA device; wall time "
             "of the whole command (Python start-up and imports included), median of "
             f"{report['meta']['case_repeats']} run(s); peak RSS: the largest resident set among the run's processes "
@@ -689,6 +761,7 @@ def render_cases(report: dict[str, Any]) -> list[str]:
             lines.append(f"| {b} | {c['layout']} | {fmt(c['wall_s'], '.1f')} | {fmt(c.get('engine_s'), '.1f')} | "
                          f"{fmt(c['peak_rss_mib'], '.0f')} | "
                          f"{fmt(c['cpu_s'], '.1f')} | {ptxt} | {loads} |")
+        lines += _runtime_lines(cases)
         lines += ["", "Commands:", ""] + [f"- {b}: `{c['command']}`" for b, c in cases.items()]
     else:
         lines.append("Skipped (--skip-volume).")
@@ -711,6 +784,7 @@ def run_cases(bundles: Sequence[str], opts: argparse.Namespace, meta: dict[str, 
     t_start = time.perf_counter()
     threads = torch.get_num_threads()
     meta.update(threads_used=threads, case_repeats=opts.case_repeats, case_bundles=list(bundles),
+                case_runtime=getattr(opts, "case_runtime", "eager") or "eager",
                 versions_extra=dict(numpy=numpy.__version__, scipy=scipy.__version__, nibabel=nibabel.__version__))
     opts.threads_used = threads
     work = Path(opts.case_dir)
