@@ -674,3 +674,26 @@ def test_whole_case_with_runtime_openvino(tmp_path):
     assert row["runtime"] == "openvino" and 0 <= row["runs"][0]["diff_over_range"] <= 1e-4
     assert "(cached export" in open(row["runs"][0]["log"]).read()
     assert row["command"].endswith("--runtime openvino") and row["prediction"]["ok"]
+
+
+def test_time_runtimes_plain_and_float64(tmp_path):
+    """The `plain` row runs the network with its CPU fast-path layers off (a copy: the eager row keeps them), the
+    `float64` row in double precision; both near eager, interleaved timings for each."""
+    import torch
+    import torch.nn as nn
+
+    from bench.runtimes import parse_runtimes, time_runtimes
+    from medseg_nets.blocks.cpu import InstanceNorm3d, PointwiseConv3d
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), InstanceNorm3d(4, affine=True), nn.PReLU(),
+                        PointwiseConv3d(4, 3)).eval()
+    seen = []
+    net[1].register_forward_pre_hook(lambda m, i: seen.append(m.cpu_fast_path))
+    x = torch.randn(1, 2, 8, 8, 8)
+    rows = time_runtimes(net, x, parse_runtimes("plain,float64"), repeats=2, threads=1, work=tmp_path)
+    assert [r["runtime"] for r in rows] == ["eager", "plain", "float64"]
+    assert all(r["error"] is None and len(r["times_s"]) == 2 for r in rows)
+    assert net[1].cpu_fast_path and seen[0] is True  # eager's own net untouched (its forward ran first)
+    plain, double = rows[1], rows[2]
+    assert 0 <= plain["diff_over_range"] < 1e-5 and 0 < double["diff_over_range"] < 1e-5

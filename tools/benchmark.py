@@ -130,7 +130,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     mode.add_argument("--runtimes", default=None, metavar="LIST",
                       help="instead of the comparison: time each bundle network (and the --baselines named) under "
                            "these runtimes, interleaved: comma-separated among eager, ort (ONNX Runtime), ov "
-                           "(OpenVINO), compile (torch.compile); CPU only")
+                           "(OpenVINO), compile (torch.compile), plain (eager with the CPU fast-path layers off), "
+                           "float64 (eager in double precision); CPU only")
     mode.add_argument("--profile", action="store_true",
                       help="instead of the table: where one forward of each bundle's network spends its time, by "
                            "kind of layer (forward hooks) and by operator (torch.profiler)")

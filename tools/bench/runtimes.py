@@ -1,5 +1,9 @@
 """Inference runtimes (``--runtimes``): eager PyTorch, torch.compile, ONNX Runtime and OpenVINO on one network.
 
+Two more rows compare eager PyTorch with itself: ``plain`` runs a copy of the network with every CPU fast-path layer
+off (:func:`medseg_nets.blocks.depthwise.set_cpu_fast_path`; what those layers gain, and how far they move the
+output), ``float64`` a copy in double precision (the float32 rounding of eager PyTorch itself, for scale).
+
 For each network (a bundle's ``network_def``, and the entry's baselines named by ``--baselines``) at the bundle's
 patch size and ``--batch``, :func:`time_runtimes` runs each requested runtime once (its one-off cost: export,
 session, compilation and the first call) and compares that output with eager PyTorch's (max abs difference, and
@@ -17,6 +21,7 @@ mode. A runtime whose packages are missing, or that falls back to eager, gets a 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import tempfile
 import time
@@ -33,7 +38,8 @@ from bench.report import finish_report, fmt, fmt_shape, loadavg
 from medseg_nets.blocks.depthwise import set_cpu_fast_path
 
 #: the names ``--runtimes`` takes, and what each is called in the report
-RUNTIME_NAMES = {"eager": "eager", "compile": "torch.compile", "ort": "ONNX Runtime", "ov": "OpenVINO"}
+RUNTIME_NAMES = {"eager": "eager", "plain": "eager, plain PyTorch layers", "float64": "eager, float64",
+                 "compile": "torch.compile", "ort": "ONNX Runtime", "ov": "OpenVINO"}
 _ALIASES = {"onnxruntime": "ort", "openvino": "ov", "torch": "eager", "inductor": "compile"}
 
 
@@ -62,6 +68,13 @@ def _runtime_callable(name: str, net: nn.Module, x: torch.Tensor, ckpt: Path, th
     call (availability)."""
     if name == "eager":
         return (lambda: net(x)), {}
+    if name == "plain":  # the same weights with every CPU fast-path layer off: what those layers gain and change
+        plain = copy.deepcopy(net)
+        set_cpu_fast_path(plain, False)
+        return (lambda: plain(x)), {}
+    if name == "float64":  # the same network in double precision: how far float32 eager is from exact arithmetic
+        double, xd = copy.deepcopy(net).double(), x.double()
+        return (lambda: double(xd).float()), {}
     if name == "compile":
         compiled = torch.compile(net)
         return (lambda: compiled(x)), {}
