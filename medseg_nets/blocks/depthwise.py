@@ -1,8 +1,8 @@
 # Copyright (c) medseg-bundles contributors
 # Licensed under the Apache License, Version 2.0
 """Depth-wise 3D convolution with a faster CPU path, for the depth-wise dilated layers of GLIMS (DACB) and the separable
-convolutions of DALight-3D (with point-wise convolutions as batched matrix products, :mod:`medseg_nets.blocks.cpu`,
-about 1.2x on a DALight-3D forward at its sliding-window batch).
+convolutions of DALight-3D (with point-wise convolutions as batched matrix products, :mod:`medseg_nets.blocks.cpu`;
+on DALight-3D at its sliding-window batch the gain is within the machine's spread, ``docs/cpu_layers_dalight3d.md``).
 
 On CPU, PyTorch 2.x runs a depth-wise ``Conv3d`` on a channels-first (``NCDHW``) tensor through a slow generic
 kernel, and a *dilated* one through a slower one still, whatever the memory format. An undilated depth-wise

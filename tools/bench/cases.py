@@ -174,13 +174,19 @@ def measure_patches(bundles: Sequence[str], opts: argparse.Namespace, conv_peak:
     return rows
 
 
-def swin_glims_ratio(rows: Sequence[dict[str, Any]]) -> Optional[float]:
-    """SwinUNETR's median patch latency / GLIMS's (> 1: GLIMS is faster), or None if either is missing."""
+def _swin_over_glims(rows: Sequence[dict[str, Any]], glims_key: str) -> Optional[float]:
+    """SwinUNETR's median patch latency / GLIMS's ``glims_key`` figure (its row in the GLIMS entry), or None if
+    either is missing."""
     glims = next((r for r in rows if r["bundle"] == "glims" and r["role"] == "bundle"), None)
     swin = next((r for r in rows if r["bundle"] == "glims" and r["model"] == SWIN), None)
-    if not glims or not swin or not glims.get("latency_s") or not swin.get("latency_s"):
+    if not glims or not swin or not glims.get(glims_key) or not swin.get("latency_s"):
         return None
-    return swin["latency_s"] / glims["latency_s"]
+    return swin["latency_s"] / glims[glims_key]
+
+
+def swin_glims_ratio(rows: Sequence[dict[str, Any]]) -> Optional[float]:
+    """SwinUNETR's median patch latency / GLIMS's (> 1: GLIMS is faster), or None if either is missing."""
+    return _swin_over_glims(rows, "latency_s")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -333,6 +339,15 @@ def _tail(path: Path, lines: int = 15) -> str:
         return ""
 
 
+def _logged_run(cmd: Sequence[str], env: dict[str, str], log_path: Path, timeout: float) -> dict[str, Any]:
+    """:func:`run_child` and what its log says: the log's path, the evaluator's seconds (:func:`engine_seconds`) and
+    the runtime that ran the network (:func:`runtime_from_log`)."""
+    run = run_child(cmd, env, log_path, timeout)
+    text = log_path.read_text(errors="replace")
+    run.update(log=str(log_path), engine_s=engine_seconds(text), **runtime_from_log(text))
+    return run
+
+
 def run_whole_case(entry: Entry, case: CaseFiles, opts: argparse.Namespace, work: Path) -> dict[str, Any]:
     """``--case-repeats`` runs of the bundle's inference on the case (:func:`run_child`), each in a fresh process
     with a fresh output folder; the median wall time, the largest peak resident set."""
@@ -358,9 +373,7 @@ def run_whole_case(entry: Entry, case: CaseFiles, opts: argparse.Namespace, work
         clear_runtime_cache(ckpt)
         log_path = work / "logs" / f"{bundle}_first_run.log"
         log(f"  {bundle}: whole case, first run with --runtime {runtime} (export): {shlex.join(cmd)}")
-        first = run_child(cmd, env, log_path, opts.case_timeout)
-        text = log_path.read_text(errors="replace")
-        first.update(log=str(log_path), engine_s=engine_seconds(text), **runtime_from_log(text))
+        first = _logged_run(cmd, env, log_path, opts.case_timeout)
         row["first_run"] = first
         if first["timed_out"] or first["returncode"] != 0:
             row["errors"].append(f"first run: exit status {first['returncode']}; log {log_path}: "
@@ -372,10 +385,8 @@ def run_whole_case(entry: Entry, case: CaseFiles, opts: argparse.Namespace, work
         log_path = work / "logs" / f"{bundle}_run{rep + 1}.log"
         load_before = _load1()
         log(f"  {bundle}: whole case, run {rep + 1}/{opts.case_repeats}: {shlex.join(cmd)}")
-        run = run_child(cmd, env, log_path, opts.case_timeout)
-        text = log_path.read_text(errors="replace")
-        run.update(log=str(log_path), load_before=load_before, load_after=_load1(), engine_s=engine_seconds(text),
-                   **runtime_from_log(text))
+        run = _logged_run(cmd, env, log_path, opts.case_timeout)
+        run.update(load_before=load_before, load_after=_load1())
         row["runs"].append(run)
         if run["timed_out"] or run["returncode"] != 0:
             what = f"timed out after {opts.case_timeout:.0f} s" if run["timed_out"] else \
@@ -497,11 +508,7 @@ def case_floors(bundles: Sequence[str], patches: Sequence[dict[str, Any]], cases
 def swin_over_glims_roofline(rows: Sequence[dict[str, Any]]) -> Optional[float]:
     """SwinUNETR's measured patch latency / GLIMS's roofline: the most the per-patch ratio can be with GLIMS's op
     sequence run at the machine's peaks (and SwinUNETR as measured); None if either is missing."""
-    glims = next((r for r in rows if r["bundle"] == "glims" and r["role"] == "bundle"), None)
-    swin = next((r for r in rows if r["bundle"] == "glims" and r["model"] == SWIN), None)
-    if not glims or not swin or not glims.get("roofline_s") or not swin.get("latency_s"):
-        return None
-    return swin["latency_s"] / glims["roofline_s"]
+    return _swin_over_glims(rows, "roofline_s")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -538,22 +545,20 @@ def evaluate_goals(patches: Sequence[dict[str, Any]], cases: dict[str, dict[str,
         unreachable=None if ceiling is None else ceiling < PATCH_RATIO_GOAL)
     for bundle in ("dalight3d", "glims", "emcad"):
         limit = CASE_GOALS_S[bundle]
+        goal = f"whole BraTS case through bundles/{bundle} inference.json, {GOAL_THREADS} threads"
         row = cases.get(bundle)
         floor = floors.get(bundle) if bundle in bundles else None
         below = None if floor is None else limit < floor["floor_s"]
         extra = dict(floor=floor, floor_s=None if floor is None else floor["floor_s"], below_floor=below,
                      unreachable=below)
         if row is None or bundle not in bundles:
-            add(f"case_{bundle}", f"whole BraTS case through bundles/{bundle} inference.json, {GOAL_THREADS} threads",
-                f"<= {limit:g} s", None, None, **extra)
+            add(f"case_{bundle}", goal, f"<= {limit:g} s", None, None, **extra)
             continue
         if row.get("wall_s") is None or not row.get("ok"):
             figure = "failed: " + "; ".join(row.get("errors") or ["no valid prediction"])[:200]
-            add(f"case_{bundle}", f"whole BraTS case through bundles/{bundle} inference.json, {GOAL_THREADS} threads",
-                f"<= {limit:g} s", figure, False, **extra)
+            add(f"case_{bundle}", goal, f"<= {limit:g} s", figure, False, **extra)
             continue
-        add(f"case_{bundle}", f"whole BraTS case through bundles/{bundle} inference.json, {GOAL_THREADS} threads",
-            f"<= {limit:g} s", f"{row['wall_s']:.1f} s", row["wall_s"] <= limit, **extra)
+        add(f"case_{bundle}", goal, f"<= {limit:g} s", f"{row['wall_s']:.1f} s", row["wall_s"] <= limit, **extra)
     measured = {b: cases[b].get("peak_rss_mib") for b in bundles if b in cases}
     if not measured:
         add("case_peak_memory", "peak memory of each whole case stated", "stated", None, None)
@@ -619,7 +624,7 @@ def _runtime_lines(cases: dict[str, dict[str, Any]]) -> list[str]:
     rows = [(b, c) for b, c in cases.items() if (c.get("runtime_requested") or "eager") != "eager"]
     if not rows:
         return []
-    lines = ["", f"Runtime (`--case-runtime`): the first run exports the network (cached beside the checkpoint) and "
+    lines = ["", "Runtime (`--case-runtime`): the first run exports the network (cached beside the checkpoint) and "
                  "is not in the median above.", "",
              "| bundle | requested | ran | first run s (export) | output vs eager, of the range | turned off because |",
              "|---|---|---|---:|---:|---|"]
