@@ -9,6 +9,7 @@ import sys
 import pytest
 
 import benchmark  # tools/ is on sys.path (conftest.py)
+from medseg_nets import native
 
 COLUMNS = [
     "Bundle", "Model", "Input (BxCxspatial)", "Params", "GFLOPs", "Latency ms",
@@ -112,14 +113,20 @@ def test_speed_sweep_depthwise_path(tmp_path):
 
 
 def test_profile_names_the_depthwise_layers(tmp_path):
-    """--profile times one forward by kind of layer: GLIMS's point-wise convolutions and instance norms appear; with
-    --plain-layers (no fused DACB branches) its three dilations of depth-wise convolution too."""
+    """--profile times one forward by kind of layer: GLIMS's point-wise convolutions, and its fused C kernels (every
+    depth-wise convolution, every norm + PReLU) when built, else its instance norms; with --plain-layers (no fused
+    DACB branches) its three dilations of depth-wise convolution too."""
     report = benchmark.main(["--bundle", "glims", "--device", "cpu", "--profile", "--roi", "32",
                              "--out", str(tmp_path / "profile.md")])
     prof = report["profiles"]["glims"]
     kinds = {r["kind"]: r for r in prof["layers"]}
     assert kinds["PointwiseConv3d dense k1x1x1 dilation 1 stride 1"]["calls"] == 39
-    assert kinds["InstanceNorm3d"]["calls"] == 62
+    if native.available():  # 16 DACBs x 3 depth-wise convolutions; 62 instance norms + 16 branch group norms
+        assert kinds["medseg_nets.native.depthwise3d (fused C kernel)"]["calls"] == 48
+        assert kinds["medseg_nets.native.norm_act (fused C kernel)"]["calls"] == 62 + 16
+        assert "medseg_nets.native.depthwise3d" in prof["operators"]
+    else:
+        assert kinds["InstanceNorm3d"]["calls"] == 62
     assert sum(r["seconds"] for r in prof["layers"]) <= prof["total_s"] * 1.05
     assert prof["input_shape"] == [1, 4, 32, 32, 32] and "aten::" in prof["operators"]
     assert "## Profile: GLIMS (bundle)" in (tmp_path / "profile.md").read_text()

@@ -131,6 +131,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                       help="instead of the comparison: time each bundle network (and the --baselines named) under "
                            "these runtimes, interleaved: comma-separated among eager, ort (ONNX Runtime), ov "
                            "(OpenVINO), compile (torch.compile), plain (eager with the CPU fast-path layers off), "
+                           "nonative (eager with medseg_nets.native's fused kernels off), "
                            "float64 (eager in double precision); CPU only")
     mode.add_argument("--profile", action="store_true",
                       help="instead of the table: where one forward of each bundle's network spends its time, by "

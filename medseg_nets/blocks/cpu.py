@@ -18,6 +18,11 @@ shows the layers in a network). The fast forwards are taken for contiguous CPU t
 (:func:`~medseg_nets.blocks.depthwise.use_cpu_fast_path`); elsewhere the layers are their PyTorch parents. Outputs
 equal the parents' to float32 rounding (``tests/test_cpu_layers.py``); ``cpu_fast_path = False`` on a layer, or
 :func:`~medseg_nets.blocks.depthwise.set_cpu_fast_path` on a model, turns the fast forward off.
+
+- :class:`ConvNormPReLU` (``nn.Sequential(conv, norm, nn.PReLU())``, same keys): in inference on CPU, with
+  :mod:`medseg_nets.native` available, the norm (one group per channel) and the PReLU run as one fused kernel
+  (:func:`medseg_nets.native.norm_act`, in place on the convolution's output): one read for the statistics and one
+  read-write pass instead of five passes.
 """
 
 from __future__ import annotations
@@ -28,9 +33,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from medseg_nets.blocks.depthwise import use_cpu_fast_path
+from medseg_nets import native
+from medseg_nets.blocks.depthwise import use_cpu_fast_path, use_native_kernels
 
-__all__ = ["InstanceNorm3d", "PointwiseConv3d", "pointwise_conv3d"]
+__all__ = ["ConvNormPReLU", "InstanceNorm3d", "PointwiseConv3d", "native_norm_prelu", "pointwise_conv3d"]
 
 
 def pointwise_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -61,10 +67,12 @@ class PointwiseConv3d(nn.Conv3d):
         super().__init__(in_channels, out_channels, 1, bias=bias)
         self.cpu_fast_path = True
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, skip_bias: bool = False) -> torch.Tensor:
+        """``skip_bias``: leave the bias out (for a caller whose next step, a per-channel norm, removes it)."""
+        bias = None if skip_bias else self.bias
         if self.cpu_fast_path and x.dim() == 5 and x.is_contiguous() and use_cpu_fast_path(x):
-            return pointwise_conv3d(x, self.weight, self.bias)
-        return self._conv_forward(x, self.weight, self.bias)
+            return pointwise_conv3d(x, self.weight, bias)
+        return self._conv_forward(x, self.weight, bias)
 
 
 class InstanceNorm3d(nn.InstanceNorm3d):
@@ -82,3 +90,69 @@ class InstanceNorm3d(nn.InstanceNorm3d):
         if self.cpu_fast_path and x.is_contiguous() and use_cpu_fast_path(x):
             return F.group_norm(x, int(x.shape[1]), self.weight, self.bias, self.eps)
         return F.instance_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+
+
+def _per_channel_norm(norm: nn.Module, channels: int) -> bool:
+    """``norm`` normalises each channel of each sample on its own: our :class:`InstanceNorm3d` (no running
+    statistics) or ``nn.GroupNorm`` with one group per channel; and its CPU fast path is on."""
+    if isinstance(norm, InstanceNorm3d):
+        return bool(norm.cpu_fast_path) and not norm.track_running_stats and norm.num_features == channels
+    return isinstance(norm, nn.GroupNorm) and norm.num_groups == norm.num_channels == channels
+
+
+@torch.jit.unused
+def native_norm_prelu(
+    x: torch.Tensor, norm: nn.Module, act: nn.Module, residual: Optional[torch.Tensor] = None, inplace: bool = False
+) -> Optional[torch.Tensor]:
+    """``act(norm(x + residual))`` by :func:`medseg_nets.native.norm_act` when it applies (inference on CPU, kernels
+    available, ``norm`` per channel as in :func:`_per_channel_norm`, ``act`` an ``nn.PReLU``, ``residual`` shaped
+    as ``x``); written into ``x`` when ``inplace``. Returns ``None`` when it does not apply (the caller runs the
+    layers). Not callable from TorchScript."""
+    if not isinstance(act, nn.PReLU) or x.dim() < 3 or not _per_channel_norm(norm, int(x.shape[1])):
+        return None
+    if not use_native_kernels(x) or (residual is not None and (residual.shape != x.shape or not residual.is_contiguous())):
+        return None
+    return native.norm_act(
+        x, out=x if inplace else None, residual=residual, weight=norm.weight, bias=norm.bias,
+        prelu_weight=act.weight, eps=float(norm.eps),
+    )  # fmt: skip
+
+
+class ConvNormPReLU(nn.Sequential):
+    """``nn.Sequential(conv, norm, nn.PReLU())`` (same modules, keys ``0.*``, ``1.*``, ``2.*``) whose norm and PReLU
+    run as one fused kernel in inference on CPU (:func:`native_norm_prelu`, in place on the convolution's output);
+    the layers otherwise. ``norm`` normalises per channel (:class:`InstanceNorm3d` or ``nn.GroupNorm(C, C)``) for the
+    fused path to apply. On that path a :class:`PointwiseConv3d` runs without its bias: a per-channel constant is
+    removed exactly by the norm's mean subtraction, and the matrix product without it is 1.3-1.6x faster
+    (``torch.baddbmm`` broadcasts the bias in a pass of its own).
+
+    Args:
+        conv: the convolution.
+        norm: the normalisation of its output.
+        act: the activation (an ``nn.PReLU`` for the fused path).
+    """
+
+    def __init__(self, conv: nn.Module, norm: nn.Module, act: nn.Module) -> None:
+        super().__init__(conv, norm, act)
+
+    @torch.jit.unused
+    def _native(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The fused path, or ``None`` (before any work) when it does not apply."""
+        conv, norm, act = self[0], self[1], self[2]
+        if not isinstance(act, nn.PReLU) or not use_native_kernels(x):
+            return None
+        if isinstance(conv, PointwiseConv3d) and x.dim() == 5:
+            if not _per_channel_norm(norm, int(conv.out_channels)):
+                return None
+            y = conv(x, skip_bias=True)  # the bias would be subtracted again by the norm
+        else:
+            y = conv(x)
+        out = native_norm_prelu(y, norm, act, inplace=True)
+        return act(norm(y)) if out is None else out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            out = self._native(x)
+            if out is not None:
+                return out
+        return self[2](self[1](self[0](x)))

@@ -18,6 +18,10 @@ we measured the outputs are bit-identical to ``torch.nn.functional.conv3d`` (the
 which a different oneDNN kernel could bring). Only the layout changes; parameters, state-dict keys and FLOPs are
 those of ``nn.Conv3d``.
 
+Without autograd (inference) and with :mod:`medseg_nets.native` available, the CPU path is instead a fused C
+kernel that reads and writes the channels-first tensors as they are (no layout copies; same arithmetic in another
+order, float32 rounding apart; ``tests/test_native.py``).
+
 The path is taken for CPU tensors only, and not while ``torch.export``/``torch.compile``/ONNX export or
 ``torch.jit.trace`` record the graph (they get the plain convolution); ``DepthwiseConv3d.cpu_fast_path = False``
 turns it off for one layer, :func:`set_cpu_fast_path` for every such layer of a model.
@@ -31,6 +35,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from medseg_nets import native
+
 __all__ = [
     "DepthwiseConv3d",
     "depthwise_conv3d_ndhwc",
@@ -38,6 +46,7 @@ __all__ = [
     "set_cpu_fast_path",
     "to_ndhwc",
     "use_cpu_fast_path",
+    "use_native_kernels",
 ]
 
 
@@ -51,6 +60,22 @@ def use_cpu_fast_path(x: torch.Tensor) -> bool:
         if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
             return False
     return True
+
+
+@torch.jit.unused
+def use_native_kernels(x: torch.Tensor) -> bool:
+    """Whether the CPU fast paths may run :mod:`medseg_nets.native`'s fused kernels on ``x``: a contiguous float32
+    CPU tensor outside graph capture (:func:`use_cpu_fast_path`), autograd off (inference), no ``TorchDispatchMode``
+    active (``FlopCounterMode`` and the benchmark's traffic recorder count the PyTorch operations, which they can
+    see), kernels available. Not callable from TorchScript (callers test ``torch.jit.is_scripting()`` first)."""
+    return (
+        not torch.is_grad_enabled()
+        and _get_current_dispatch_mode() is None
+        and x.dtype == torch.float32
+        and x.is_contiguous()
+        and use_cpu_fast_path(x)
+        and native.available()
+    )
 
 
 def to_ndhwc(x: torch.Tensor) -> torch.Tensor:
@@ -144,8 +169,16 @@ class DepthwiseConv3d(nn.Conv3d):
         """``x``: ``(N, C, D, H, W)``. ``x_ndhwc``: optionally ``x`` already laid out as contiguous ``(N, D, H, W,
         C)`` (:func:`to_ndhwc`), used by the CPU path, so that parallel branches convert their common input once."""
         if self.cpu_fast_path and use_cpu_fast_path(x):
+            if not torch.jit.is_scripting():
+                if x_ndhwc is None and use_native_kernels(x):
+                    return self._forward_native(x)
             return self.forward_ndhwc(to_ndhwc(x) if x_ndhwc is None else x_ndhwc, None)
         return self._conv_forward(x, self.weight, self.bias)
+
+    @torch.jit.unused
+    def _forward_native(self, x: torch.Tensor) -> torch.Tensor:
+        """The fused C kernel (:func:`medseg_nets.native.depthwise3d`), channels-first in and out."""
+        return native.depthwise3d(x, self.weight, self.bias, self.dilation[0])
 
     @torch.jit.export
     def forward_ndhwc(self, x_ndhwc: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:

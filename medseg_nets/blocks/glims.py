@@ -21,8 +21,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from medseg_nets.blocks.cpu import InstanceNorm3d, PointwiseConv3d
-from medseg_nets.blocks.depthwise import DepthwiseConv3d, to_ndhwc, use_cpu_fast_path
+from medseg_nets import native
+from medseg_nets.blocks.cpu import ConvNormPReLU, InstanceNorm3d, PointwiseConv3d, native_norm_prelu
+from medseg_nets.blocks.depthwise import DepthwiseConv3d, to_ndhwc, use_cpu_fast_path, use_native_kernels
 
 __all__ = [
     "conv_in_prelu",
@@ -49,11 +50,12 @@ __all__ = [
 
 def conv_in_prelu(
     in_channels: int, out_channels: int, kernel_size: int = 1, stride: int = 1, transposed: bool = False
-) -> nn.Sequential:
+) -> ConvNormPReLU:
     """``Conv (bias) -> InstanceNorm (no affine) -> PReLU (1 parameter)``; kernel 1 or ``kernel == stride``
     (no padding). ``transposed`` builds a transposed convolution (up-sampling by ``stride``). Kernel-1 convolutions
     and the norm are :class:`~medseg_nets.blocks.cpu.PointwiseConv3d` and :class:`~medseg_nets.blocks.cpu.
-    InstanceNorm3d` (``nn.Conv3d`` / ``nn.InstanceNorm3d`` with faster CPU forwards, same parameters and keys)."""
+    InstanceNorm3d` (``nn.Conv3d`` / ``nn.InstanceNorm3d`` with faster CPU forwards, same parameters and keys), the
+    sequence a :class:`~medseg_nets.blocks.cpu.ConvNormPReLU` (norm + PReLU fused in inference on CPU)."""
     conv: nn.Module
     if transposed:
         conv = nn.ConvTranspose3d(in_channels, out_channels, kernel_size, stride=stride)
@@ -61,7 +63,7 @@ def conv_in_prelu(
         conv = PointwiseConv3d(in_channels, out_channels)
     else:
         conv = nn.Conv3d(in_channels, out_channels, kernel_size, stride=stride)
-    return nn.Sequential(conv, InstanceNorm3d(out_channels), nn.PReLU())
+    return ConvNormPReLU(conv, InstanceNorm3d(out_channels), nn.PReLU())
 
 
 class DACB(nn.Module):
@@ -79,7 +81,11 @@ class DACB(nn.Module):
     CPU the branches share one channels-last copy of ``x``, write their convolutions straight into the concatenated
     ``3C``-channel map, and their three per-channel GroupNorms and one-parameter PReLUs run as one GroupNorm with
     ``3C`` groups and one per-channel PReLU over that map (the same per-channel arithmetic, one pass each instead of
-    three plus the concatenation's copy).
+    three plus the concatenation's copy). In inference with :mod:`medseg_nets.native` available, the whole block
+    runs as fused C kernels on the channels-first maps (:meth:`_forward_native`): the three depth-wise convolutions
+    write ``[DWConv_1, DWConv_2, DWConv_3]`` and their per-channel statistics in one pass, GroupNorm + PReLU is one
+    in-place pass over that map, each point-wise ``Conv-IN-PReLU`` a matrix product and one in-place pass, and the
+    residual add, the last norm and PReLU one pass.
 
     ``spare_act``: the reference implementation builds one more PReLU in every DACB that its forward never uses
     (1 parameter). It is reproduced, frozen (``requires_grad=False``) so that it cannot trouble
@@ -138,6 +144,40 @@ class DACB(nn.Module):
         z = F.group_norm(z, k * c, torch.cat(gn_w), torch.cat(gn_b), self.branch_eps)
         return F.prelu(z, torch.cat(act_w))
 
+    @torch.jit.unused
+    def _native_ok(self, x: torch.Tensor) -> bool:
+        """The fused C path applies: inference on CPU with the kernels available, every CPU path of the block on."""
+        if not (self.cpu_fast_path and bool(self.norm.cpu_fast_path) and use_native_kernels(x)):
+            return False
+        return all(bool(b[0].cpu_fast_path) and isinstance(b[2], nn.PReLU) for b in self.branches)
+
+    @torch.jit.unused
+    def _forward_native(self, x: torch.Tensor) -> torch.Tensor:
+        """The block as fused C kernels (:mod:`medseg_nets.native`; see the class docstring)."""
+        n, c = int(x.shape[0]), int(x.shape[1])
+        k = len(self.branches)
+        z = x.new_empty((n, k * c) + tuple(x.shape[2:]))
+        stats = torch.empty((n, k * c, 2), dtype=torch.float64)
+        gn_w: List[torch.Tensor] = []
+        gn_b: List[torch.Tensor] = []
+        act_w: List[torch.Tensor] = []
+        for i, branch in enumerate(self.branches):
+            conv, gn, act = branch[0], branch[1], branch[2]
+            part = slice(i * c, (i + 1) * c)
+            native.depthwise3d(x, conv.weight, conv.bias, conv.dilation[0], z[:, part], stats[:, part])
+            gn_w.append(gn.weight)
+            gn_b.append(gn.bias)
+            act_w.append(act.weight.expand(c))
+        native.norm_act(
+            z, out=z, stats=stats, weight=torch.cat(gn_w), bias=torch.cat(gn_b),
+            prelu_weight=torch.cat(act_w), eps=self.branch_eps,
+        )  # fmt: skip
+        y = self.embed(z)
+        del z  # the 3C-channel map, before the projection
+        y = self.project(y)
+        out = native_norm_prelu(y, self.norm, self.act, residual=x, inplace=True)
+        return self.act(self.norm(y + x)) if out is None else out
+
     def _branches(self, x: torch.Tensor) -> torch.Tensor:
         """The branches one by one, concatenated; on CPU their depth-wise convolutions share one channels-last copy
         of ``x``. Their outputs are freed on return, before the point-wise convolutions where the block's memory
@@ -155,6 +195,9 @@ class DACB(nn.Module):
         return torch.cat(feats, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            if self._native_ok(x):
+                return self._forward_native(x)
         fused = self.cpu_fast_path and x.is_contiguous() and use_cpu_fast_path(x)
         for branch in self.branches:
             fused = fused and bool(branch[0].cpu_fast_path)

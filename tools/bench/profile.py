@@ -1,7 +1,9 @@
 """The per-layer profile (``--profile``): where one forward of a bundle's network spends its time.
 
 :func:`profile_layers` times one forward by kind of leaf module (:func:`layer_kind`: the class, and for convolutions
-kernel, dilation, stride and depth-wise or grouped; forward hooks) and by operator (``torch.profiler``);
+kernel, dilation, stride and depth-wise or grouped; forward hooks), the fused C kernels of :mod:`medseg_nets.native`
+called outside leaf modules (GLIMS's DACBs and Conv-IN-PReLU sequences) as kinds of their own, and by operator
+(``torch.profiler``; the kernels appear there as ``medseg_nets.native.*`` records);
 :func:`run_profile` does it for each entry's bundle network and writes the report.
 """
 
@@ -18,7 +20,11 @@ from bench.common import log
 from bench.registry import Entry, FirstOutput
 from bench.report import finish_report, fmt_shape
 from bench.timing import autocast, sync
+from medseg_nets import native
 from medseg_nets.blocks.depthwise import set_cpu_fast_path
+
+#: the kernels of medseg_nets.native timed as kinds of their own when called outside a leaf module
+NATIVE_KERNELS = ("depthwise3d", "norm_act")
 
 
 def layer_kind(module: nn.Module) -> str:
@@ -56,11 +62,28 @@ def profile_layers(model: nn.Module, x: torch.Tensor, device: torch.device, row_
         rec[0] += time.perf_counter() - started.pop(id(mod))
         rec[1] += 1
 
+    def timed(name: str, fn: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if started:  # inside a timed leaf module: its time already counts there
+                return fn(*args, **kwargs)
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                rec = spent.setdefault(f"medseg_nets.native.{name} (fused C kernel)", [0.0, 0])
+                rec[0] += time.perf_counter() - t0
+                rec[1] += 1
+
+        return call
+
+    originals = {name: getattr(native, name) for name in NATIVE_KERNELS}
     with torch.inference_mode():
         model(x)  # warm-up
         for m in model.modules():
             if next(m.children(), None) is None:
                 handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+        for name, fn in originals.items():
+            setattr(native, name, timed(name, fn))
         try:
             sync(device)
             t0 = time.perf_counter()
@@ -70,6 +93,8 @@ def profile_layers(model: nn.Module, x: torch.Tensor, device: torch.device, row_
         finally:
             for h in handles:
                 h.remove()
+            for name, fn in originals.items():
+                setattr(native, name, fn)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with profile(activities=activities) as prof:
             model(x)

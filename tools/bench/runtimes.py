@@ -1,8 +1,9 @@
 """Inference runtimes (``--runtimes``): eager PyTorch, torch.compile, ONNX Runtime and OpenVINO on one network.
 
-Two more rows compare eager PyTorch with itself: ``plain`` runs a copy of the network with every CPU fast-path layer
+More rows compare eager PyTorch with itself: ``plain`` runs a copy of the network with every CPU fast-path layer
 off (:func:`medseg_nets.blocks.depthwise.set_cpu_fast_path`; what those layers gain, and how far they move the
-output), ``float64`` a copy in double precision (the float32 rounding of eager PyTorch itself, for scale).
+output), ``nonative`` the network with the fused C kernels of :mod:`medseg_nets.native` off (the CPU layers'
+PyTorch paths), ``float64`` a copy in double precision (the float32 rounding of eager PyTorch itself, for scale).
 
 For each network (a bundle's ``network_def``, and the entry's baselines named by ``--baselines``) at the bundle's
 patch size and ``--batch``, :func:`time_runtimes` runs each requested runtime once (its one-off cost: export,
@@ -35,10 +36,12 @@ import torch.nn as nn
 from bench.common import log, short
 from bench.registry import Entry, FirstOutput
 from bench.report import finish_report, fmt, fmt_shape, loadavg
+from medseg_nets import native
 from medseg_nets.blocks.depthwise import set_cpu_fast_path
 
 #: the names ``--runtimes`` takes, and what each is called in the report
-RUNTIME_NAMES = {"eager": "eager", "plain": "eager, plain PyTorch layers", "float64": "eager, float64",
+RUNTIME_NAMES = {"eager": "eager", "plain": "eager, plain PyTorch layers",
+                 "nonative": "eager, native kernels off", "float64": "eager, float64",
                  "compile": "torch.compile", "ort": "ONNX Runtime", "ov": "OpenVINO"}
 _ALIASES = {"onnxruntime": "ort", "openvino": "ov", "torch": "eager", "inductor": "compile"}
 
@@ -72,6 +75,16 @@ def _runtime_callable(name: str, net: nn.Module, x: torch.Tensor, ckpt: Path, th
         plain = copy.deepcopy(net)
         set_cpu_fast_path(plain, False)
         return (lambda: plain(x)), {}
+    if name == "nonative":  # the fused C kernels off for this call only: what they gain and change
+
+        def without_native() -> torch.Tensor:
+            previous = native.set_enabled(False)
+            try:
+                return net(x)
+            finally:
+                native.set_enabled(previous)
+
+        return without_native, {}
     if name == "float64":  # the same network in double precision: how far float32 eager is from exact arithmetic
         double, xd = copy.deepcopy(net).double(), x.double()
         return (lambda: double(xd).float()), {}
