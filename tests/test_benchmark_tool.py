@@ -121,9 +121,9 @@ def test_profile_names_the_depthwise_layers(tmp_path):
     prof = report["profiles"]["glims"]
     kinds = {r["kind"]: r for r in prof["layers"]}
     assert kinds["PointwiseConv3d dense k1x1x1 dilation 1 stride 1"]["calls"] == 39
-    if native.available():  # 16 DACBs x 3 depth-wise convolutions; 62 instance norms + 16 branch group norms
-        assert kinds["medseg_nets.native.depthwise3d (fused C kernel)"]["calls"] == 48
-        assert kinds["medseg_nets.native.norm_act (fused C kernel)"]["calls"] == 62 + 16
+    if native.available():  # 16 DACBs: one kernel for their branches (with their group norms), 62 instance norms
+        assert kinds["medseg_nets.native.depthwise3d_branches (fused C kernel)"]["calls"] == 16
+        assert kinds["medseg_nets.native.norm_act (fused C kernel)"]["calls"] == 62
         assert "medseg_nets.native.depthwise3d" in prof["operators"]
     else:
         assert kinds["InstanceNorm3d"]["calls"] == 62
@@ -464,7 +464,8 @@ def test_traffic_flops_match_flop_counter_and_views_move_nothing():
 
 def test_traffic_records_the_depthwise_fast_path():
     """The CPU fast path of a depth-wise layer (not a graph capture: a dispatch mode sees eager) is what is recorded:
-    its layout copies, the per-sample copy_ back to NCDHW; off, one convolution."""
+    the fused C kernel as one record from what it reports (when built); with the kernels off, the channels-last
+    path's layout copies and the per-sample copy_ back to NCDHW; with the fast path off, one convolution."""
     import torch
 
     from bench.traffic import record_forward
@@ -474,7 +475,12 @@ def test_traffic_records_the_depthwise_fast_path():
     x = torch.randn(2, 4, 6, 6, 6)
     out_bytes = x.numel() * 4
     with torch.inference_mode():
-        fast = record_forward(layer, x)
+        kernel = record_forward(layer, x)
+        previous = native.set_enabled(False)
+        try:
+            fast = record_forward(layer, x)
+        finally:
+            native.set_enabled(previous)
         layer.cpu_fast_path = False
         plain = record_forward(layer, x)
     copies = [r for r in fast if r.op == "aten.copy_.default"]
@@ -484,6 +490,14 @@ def test_traffic_records_the_depthwise_fast_path():
     assert [r.op for r in plain if r.bytes] == ["aten.convolution.default"]
     assert sum(r.flops for r in fast) == sum(r.flops for r in plain) > 0
     assert sum(r.bytes for r in fast) > 2 * sum(r.bytes for r in plain)
+    if native.available():
+        (rec,) = [r for r in kernel if r.bytes]
+        param_bytes = (layer.weight.numel() + layer.bias.numel()) * 4
+        assert (rec.op, rec.kind, rec.flops) == ("native.depthwise3d", "conv", sum(r.flops for r in plain))
+        assert (rec.bytes_read, rec.bytes_written, rec.param_bytes_read) == (out_bytes + param_bytes, out_bytes,
+                                                                            param_bytes)
+    else:
+        assert kernel == fast
 
 
 def test_roofline_arithmetic():

@@ -143,3 +143,49 @@ def test_networks_match_the_plain_pytorch_path(make, x):
         set_cpu_fast_path(net, True)
     assert fast.shape == plain.shape
     assert _rel(fast, plain) < 1e-4
+
+
+@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("bias", [True, False])
+def test_patch_convolutions_match_pytorch(k, bias):
+    """Kernel == stride convolutions as one matrix product (space-to-depth / depth-to-space): the numbers, keys and
+    gradients of nn.Conv3d / nn.ConvTranspose3d; sizes not divisible by k take nn.Conv3d's forward."""
+    from medseg_nets.blocks.cpu import PatchConv3d, PatchConvTranspose3d
+
+    torch.manual_seed(k)
+    down = PatchConv3d(3, 5, k, bias=bias)
+    up = PatchConvTranspose3d(5, 3, k, bias=bias)
+    assert down.state_dict().keys() == nn.Conv3d(3, 5, k, stride=k, bias=bias).state_dict().keys()
+    assert up.state_dict().keys() == nn.ConvTranspose3d(5, 3, k, stride=k, bias=bias).state_dict().keys()
+    x = torch.randn(2, 3, 2 * k, 3 * k, k, requires_grad=True)
+    y = down(x)
+    ref = F.conv3d(x, down.weight, down.bias, stride=k)
+    torch.testing.assert_close(y, ref, **TOL)
+    (g,) = torch.autograd.grad(y.square().sum(), x)
+    (g_ref,) = torch.autograd.grad(ref.square().sum(), x)
+    torch.testing.assert_close(g, g_ref, **TOL)
+    u = torch.randn(2, 5, 3, 2, 4)
+    torch.testing.assert_close(up(u), F.conv_transpose3d(u, up.weight, up.bias, stride=k), **TOL)
+    if bias:
+        torch.testing.assert_close(down(x, skip_bias=True), ref - down.bias.view(1, 5, 1, 1, 1), **TOL)
+    odd = torch.randn(1, 3, 2 * k + 1, k, k)
+    torch.testing.assert_close(down(odd), F.conv3d(odd, down.weight, down.bias, stride=k), **TOL)
+    scripted = torch.jit.script(down)
+    torch.testing.assert_close(scripted(x.detach()), ref.detach(), **TOL)
+
+
+def test_conv_norm_prelu_parts_equal_the_concatenation():
+    from medseg_nets import native
+    from medseg_nets.blocks.cpu import ConvNormPReLU
+
+    torch.manual_seed(0)
+    block = ConvNormPReLU(PointwiseConv3d(7, 4), InstanceNorm3d(4), nn.PReLU()).eval()
+    a, b = torch.randn(2, 3, 5, 6, 7), torch.randn(2, 4, 5, 6, 7)
+    with torch.no_grad():
+        ref = block[2](block[1](block[0](torch.cat([a, b], 1))))
+        torch.testing.assert_close(block.forward_parts([a, b]), ref, **TOL)
+        previous = native.set_enabled(False)
+        try:
+            torch.testing.assert_close(block.forward_parts([a, b]), ref, **TOL)
+        finally:
+            native.set_enabled(previous)

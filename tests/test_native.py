@@ -91,6 +91,31 @@ def test_depthwise_writes_into_channel_slices():
     torch.testing.assert_close(stats[..., 0], ref.double().sum((2, 3, 4)), rtol=1e-6, atol=1e-4)
 
 
+def test_depthwise_branches_read_the_input_once_and_match_each_convolution():
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 7, 9, 21)
+    ws = [torch.randn(3, 1, 3, 3, 3) for _ in range(3)]
+    bs = [torch.randn(3), None, torch.randn(3)]
+    stats = torch.full((2, 9, 2), float("nan"), dtype=torch.float64)
+    z = native.depthwise3d_branches(x, ws, bs, [1, 2, 4], stats=stats)
+    ref = torch.cat([F.conv3d(x, w, b, padding=d, dilation=d, groups=3) for w, b, d in zip(ws, bs, [1, 2, 4])], 1)
+    torch.testing.assert_close(z, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats[..., 1], ref.double().pow(2).sum((2, 3, 4)), rtol=1e-6, atol=1e-4)
+    with pytest.raises(ValueError, match="branches"):
+        native.depthwise3d_branches(x, ws, bs[:2], [1, 2, 3])
+    # with each branch's GroupNorm(C, C) + PReLU applied in the kernel
+    gws = [torch.rand(3) + 0.5, None, torch.rand(3) + 0.5]
+    gbs = [torch.randn(3), torch.randn(3), None]
+    acts = [torch.rand(1), torch.rand(3), None]
+    y = native.depthwise3d_branches(x, ws, bs, [1, 2, 4], norm_weights=gws, norm_biases=gbs, prelu_weights=acts,
+                                    eps=1e-3)
+    parts = []
+    for i, (gw, gb, a) in enumerate(zip(gws, gbs, acts)):
+        part = F.group_norm(ref[:, 3 * i : 3 * i + 3], 3, gw, gb, 1e-3)
+        parts.append(part if a is None else F.prelu(part, a))
+    torch.testing.assert_close(y, torch.cat(parts, 1), rtol=1e-5, atol=1e-5)
+
+
 def test_statistics_without_cancellation():
     """A channel far from zero (mean 1000, std 1e-2): shifted sums keep its variance, as group norm's does."""
     torch.manual_seed(0)
@@ -210,6 +235,23 @@ def test_dacb_native_matches_pytorch_path():
         plain = block(x)
     assert _rel(y, ref) < 1e-5 and _rel(y, plain) < 1e-5
     assert not torch.equal(y, ref)  # the fused kernels did run (another summation order)
+
+
+def test_csab_spatial_convolution_as_depthwise_kernel():
+    """CSAB's 2 -> 1 channel 7^3 spatial convolution as the sum of two depth-wise convolutions (the native kernel)."""
+    from medseg_nets.blocks.glims import CSAB
+
+    torch.manual_seed(0)
+    att = CSAB(6).eval()
+    x = torch.randn(2, 6, 9, 10, 11)
+    with torch.no_grad():
+        pooled = torch.cat([torch.amax(x, dim=1, keepdim=True), torch.mean(x, dim=1, keepdim=True)], dim=1)
+        torch.testing.assert_close(att._spatial_native(pooled), att.spatial(pooled), rtol=1e-5, atol=1e-5)
+        y = att(x)
+        with _NativeOff():
+            assert att._spatial_native(pooled) is None
+            ref = att(x)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_glims_native_within_tolerance_of_pytorch_path():

@@ -66,11 +66,13 @@ def use_cpu_fast_path(x: torch.Tensor) -> bool:
 def use_native_kernels(x: torch.Tensor) -> bool:
     """Whether the CPU fast paths may run :mod:`medseg_nets.native`'s fused kernels on ``x``: a contiguous float32
     CPU tensor outside graph capture (:func:`use_cpu_fast_path`), autograd off (inference), no ``TorchDispatchMode``
-    active (``FlopCounterMode`` and the benchmark's traffic recorder count the PyTorch operations, which they can
-    see), kernels available. Not callable from TorchScript (callers test ``torch.jit.is_scripting()`` first)."""
+    active unless it says it sees the kernels (``sees_native_kernels = True``: the benchmark's traffic recorder,
+    which observes them; ``FlopCounterMode`` counts the PyTorch operations instead), kernels available. Not callable
+    from TorchScript (callers test ``torch.jit.is_scripting()`` first)."""
+    mode = _get_current_dispatch_mode()
     return (
         not torch.is_grad_enabled()
-        and _get_current_dispatch_mode() is None
+        and (mode is None or bool(getattr(mode, "sees_native_kernels", False)))
         and x.dtype == torch.float32
         and x.is_contiguous()
         and use_cpu_fast_path(x)

@@ -9,7 +9,14 @@ here do such a chain in fewer passes over the channels-first maps as they are:
 
 - :func:`depthwise3d`: depth-wise ``k^3`` convolution (stride 1, 'same' zero padding ``dilation * (k // 2)``)
   straight on ``(N, C, D, H, W)`` (no channels-last copies), optionally with the per-channel sums and sums of
-  squares of its output (the statistics of the norm that follows, without reading the output again).
+  squares of its output (the statistics of the norm that follows, without reading the output again);
+  :func:`depthwise3d_branches` several of them on the same input (GLIMS's three dilations), reading it once.
+- :func:`act_gemm`: the point-wise (1x1x1) product ``W @ act(x)`` of each sample, where ``act`` is an optional
+  per-channel affine and PReLU of the input (the norm + PReLU that precede the product, applied chunk by chunk in
+  cache instead of in a pass of their own), with the per-channel sums and sums of squares of the output (the
+  statistics of the norm that follows).
+- :func:`affine_act`: ``PReLU(x * scale + shift) (+ residual)`` per (sample, channel), in place if asked, with the
+  statistics of the result; :func:`affine_from_stats` turns statistics into that ``scale`` and ``shift``.
 - :func:`norm_act`: per-channel normalisation (instance norm, or group norm with one group per channel; biased
   variance, ``eps``), optional affine, and PReLU, of ``x`` or ``x + residual``, in one read for the statistics
   (none when given) and one read-write pass, in place if asked.
@@ -38,11 +45,26 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, NamedTuple, Optional, Sequence
 
 import torch
 
-__all__ = ["available", "depthwise3d", "enabled", "library", "norm_act", "set_enabled", "status"]
+__all__ = [
+    "KernelCall",
+    "act_gemm",
+    "add_observer",
+    "affine_act",
+    "affine_from_stats",
+    "available",
+    "depthwise3d",
+    "depthwise3d_branches",
+    "enabled",
+    "library",
+    "norm_act",
+    "remove_observer",
+    "set_enabled",
+    "status",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +75,40 @@ _lock = threading.Lock()
 _lib: Optional[ctypes.CDLL] = None
 _status: Optional[str] = None  # None: not tried yet
 _enabled = True  # set_enabled(False): the layers take their PyTorch path (e.g. to compare in one process)
+
+
+class KernelCall(NamedTuple):
+    """What one kernel call computed and touched, for observers (the benchmark's traffic recorder): FLOPs (2 per
+    multiply-add, as ``FlopCounterMode`` counts a convolution), bytes read (each input tensor once) and written, and
+    of the bytes read those of parameters."""
+
+    name: str
+    flops: int
+    bytes_read: int
+    bytes_written: int
+    param_bytes_read: int
+
+
+_observers: List[Callable[[KernelCall], None]] = []
+
+
+def add_observer(fn: Callable[[KernelCall], None]) -> None:
+    """Call ``fn(KernelCall)`` after every kernel call until :func:`remove_observer`."""
+    _observers.append(fn)
+
+
+def remove_observer(fn: Callable[[KernelCall], None]) -> None:
+    if fn in _observers:
+        _observers.remove(fn)
+
+
+def _report(name: str, flops: int, read: int, written: int, params: int) -> None:
+    for fn in list(_observers):
+        fn(KernelCall(name, int(flops), int(read), int(written), int(params)))
+
+
+def _nbytes(*tensors: Optional[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 def _compiler() -> Optional[str]:
@@ -141,9 +197,14 @@ def _build() -> ctypes.CDLL:
 def _declare(lib: ctypes.CDLL) -> None:
     p, i64, i32, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
     lib.mn_depthwise3d.restype = i32
-    lib.mn_depthwise3d.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64, i32, i32, i64, i64, i32]
+    lib.mn_depthwise3d.argtypes = [p, p, p, p, i32, p, p, i64, i64, i64, i64, i64, i32, i64, i64, i32, p, p, p, p,
+                                   f64, i32]
     lib.mn_norm_act.restype = i32
     lib.mn_norm_act.argtypes = [p, p, p, p, p, p, p, i64, i64, i64, i64, f64, i32]
+    lib.mn_act_gemm.restype = i32
+    lib.mn_act_gemm.argtypes = [p, p, p, p, i64, p, p, p, p, i64, i64, i64, i64, i32]
+    lib.mn_affine_act.restype = i32
+    lib.mn_affine_act.argtypes = [p, p, p, p, p, p, i64, p, i64, i64, i64, i32]
 
 
 def library() -> Optional[ctypes.CDLL]:
@@ -231,38 +292,100 @@ def depthwise3d(
     stats: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """``F.conv3d(x, weight, bias, padding=dilation * (k // 2), dilation=dilation, groups=C)`` for a contiguous
-    float32 ``x`` ``(N, C, D, H, W)`` and ``weight`` ``(C, 1, k, k, k)`` (``k`` odd), without autograd.
+    float32 ``x`` ``(N, C, D, H, W)`` and ``weight`` ``(C, 1, k, k, k)`` (``k`` odd, at most 15), without autograd.
 
     ``out``: write into this ``(N, C, D, H, W)`` tensor (each sample contiguous, e.g. a channel slice of a wider
     map). ``stats``: a float64 ``(N, C, 2)`` tensor (each sample contiguous, e.g. a slice of ``(N, C_total, 2)``)
     that receives the sum and the sum of squares of each output channel. Returns ``out``."""
+    return depthwise3d_branches(x, [weight], [bias], [dilation], out, stats)
+
+
+def depthwise3d_branches(
+    x: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[Optional[torch.Tensor]],
+    dilations: Sequence[int],
+    out: Optional[torch.Tensor] = None,
+    stats: Optional[torch.Tensor] = None,
+    norm_weights: Optional[Sequence[Optional[torch.Tensor]]] = None,
+    norm_biases: Optional[Sequence[Optional[torch.Tensor]]] = None,
+    prelu_weights: Optional[Sequence[Optional[torch.Tensor]]] = None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """Several depth-wise convolutions of the same ``x`` (one per branch: its ``(C, 1, k, k, k)`` weight, bias or
+    ``None`` and dilation; the same ``k``; at most 8 branches) concatenated along the channels: ``out`` ``(N, B * C,
+    D, H, W)`` (each sample contiguous) and optionally ``stats`` ``(N, B * C, 2)``, as :func:`depthwise3d` each. The
+    input is read from memory once for all branches.
+
+    With ``norm_weights`` (one entry per branch; an entry, like those of ``norm_biases``, may be ``None``), each
+    output channel is then normalised over its voxels (group norm with one group per channel: its mean, biased
+    variance and ``eps``), scaled and shifted by the branch's norm weight and bias, and passed through PReLU with
+    the branch's ``prelu_weights`` entry (1 or ``C`` slopes; ``None``: none), in place while it is still in cache:
+    ``PReLU(GN(DWConv(x)))`` per branch in one kernel (``stats`` are still those of the convolution). Returns
+    ``out``."""
     lib = _lib_or_raise()
     _check(x, "x")
     if x.dim() != 5 or not x.is_contiguous():
         raise ValueError(f"x must be a contiguous (N, C, D, H, W) tensor, got shape {tuple(x.shape)}.")
-    n, c, d, h, w = (int(s) for s in x.shape)
-    k = int(weight.shape[-1])
-    if tuple(weight.shape) != (c, 1, k, k, k) or k % 2 != 1:
-        raise ValueError(f"weight must be ({c}, 1, k, k, k) with k odd, got {tuple(weight.shape)}.")
-    weight = weight.detach().contiguous()
-    _check(weight, "weight")
-    _check_param(bias, "bias", [c])
+    n, c, d, h, w = (int(v) for v in x.shape)
+    nb = len(weights)
+    if not 1 <= nb <= 8 or len(biases) != nb or len(dilations) != nb:
+        raise ValueError(f"1 to 8 branches, each with a weight, a bias (or None) and a dilation; got {nb}.")
+    k = int(weights[0].shape[-1])
+    ws, bs = [], []
+    for weight, bias in zip(weights, biases):
+        if tuple(weight.shape) != (c, 1, k, k, k) or k % 2 != 1 or k > 15:
+            raise ValueError(f"weight must be ({c}, 1, k, k, k) with k odd (at most 15), got {tuple(weight.shape)}.")
+        weight = weight.detach().contiguous()
+        _check(weight, "weight")
+        _check_param(bias, "bias", [c])
+        ws.append(weight)
+        bs.append(None if bias is None else bias.detach())
+    if any(int(v) < 1 for v in dilations):
+        raise ValueError(f"dilations must be >= 1, got {list(dilations)}.")
+    shape = (n, nb * c, d, h, w)
     if out is None:
-        out = torch.empty_like(x)
+        out = x.new_empty(shape)
     _check(out, "out")
-    if tuple(out.shape) != tuple(x.shape) or not _samples_contiguous(out):
-        raise ValueError(f"out must be {tuple(x.shape)} with each sample contiguous, got {tuple(out.shape)}.")
+    if tuple(out.shape) != shape or not _samples_contiguous(out):
+        raise ValueError(f"out must be {shape} with each sample contiguous, got {tuple(out.shape)}.")
     stats_stride = 0
     if stats is not None:
         _check(stats, "stats", torch.float64)
-        if tuple(stats.shape) != (n, c, 2) or not _samples_contiguous(stats):
-            raise ValueError(f"stats must be ({n}, {c}, 2) with each sample contiguous, got {tuple(stats.shape)}.")
+        if tuple(stats.shape) != (n, nb * c, 2) or not _samples_contiguous(stats):
+            raise ValueError(f"stats must be ({n}, {nb * c}, 2) with each sample contiguous, got {tuple(stats.shape)}.")
         stats_stride = int(stats.stride(0)) // 2
+    post = norm_weights is not None
+    gw: List[Optional[torch.Tensor]] = [None] * nb
+    gb: List[Optional[torch.Tensor]] = [None] * nb
+    ga: List[Optional[torch.Tensor]] = [None] * nb
+    if post:
+        for name, seq in (("norm_weights", norm_weights), ("norm_biases", norm_biases), ("prelu_weights", prelu_weights)):
+            if seq is not None and len(seq) != nb:
+                raise ValueError(f"{name} needs one entry per branch ({nb}), got {len(seq)}.")
+        for i in range(nb):
+            gw[i] = None if norm_weights[i] is None else norm_weights[i].detach()
+            gb[i] = None if norm_biases is None or norm_biases[i] is None else norm_biases[i].detach()
+            ga[i] = None if prelu_weights is None or prelu_weights[i] is None else prelu_weights[i].detach()
+            _check_param(gw[i], "norm weight", [c])
+            _check_param(gb[i], "norm bias", [c])
+            _check_param(ga[i], "prelu weight", [1, c])
+    w_ptrs = (ctypes.c_void_p * nb)(*[_ptr(t) for t in ws])
+    b_ptrs = (ctypes.c_void_p * nb)(*[_ptr(t) for t in bs])
+    dils = (ctypes.c_int * nb)(*[int(v) for v in dilations])
     with torch.profiler.record_function("medseg_nets.native.depthwise3d"):
-        lib.mn_depthwise3d(
-            _ptr(x), _ptr(weight), _ptr(None if bias is None else bias.detach()), _ptr(out), _ptr(stats),
-            n, c, d, h, w, k, int(dilation), int(out.stride(0)), stats_stride, torch.get_num_threads(),
+        rc = lib.mn_depthwise3d(
+            _ptr(x), w_ptrs, b_ptrs, dils, nb, _ptr(out), _ptr(stats), n, c, d, h, w, k, int(out.stride(0)),
+            stats_stride, int(post), (ctypes.c_void_p * nb)(*[_ptr(t) for t in gw]),
+            (ctypes.c_void_p * nb)(*[_ptr(t) for t in gb]), (ctypes.c_void_p * nb)(*[_ptr(t) for t in ga]),
+            (ctypes.c_int64 * nb)(*[0 if t is None else int(t.numel()) for t in ga]), float(eps),
+            torch.get_num_threads(),
         )  # fmt: skip
+    if rc != 0:
+        raise RuntimeError(f"mn_depthwise3d failed (code {rc}).")
+    if _observers:
+        params = _nbytes(*ws, *bs, *gw, *gb, *ga)
+        _report("depthwise3d", 2 * k**3 * x.numel() * nb, _nbytes(x) + params, _nbytes(out, stats), params)
     return out
 
 
@@ -313,4 +436,125 @@ def norm_act(
             _ptr(alpha), 0 if alpha is None else int(alpha.numel()), n, c, spatial, float(eps),
             torch.get_num_threads(),
         )  # fmt: skip
+    if _observers:
+        params = _nbytes(weight, bias, alpha)
+        _report("norm_act", 0, _nbytes(x, residual, stats) + params, _nbytes(out), params)
     return out
+
+
+def affine_from_stats(
+    stats: torch.Tensor,
+    count: int,
+    weight: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    eps: float = 1e-5,
+) -> "tuple[torch.Tensor, torch.Tensor]":
+    """Per-channel normalisation as an affine map: from float64 sums and sums of squares ``stats`` ``(N, C, 2)`` of
+    ``count`` values each, ``scale = weight / sqrt(var + eps)`` and ``shift = bias - mean * scale`` (biased
+    variance; ``weight`` 1 and ``bias`` 0 when ``None``), float32 ``(N, C)`` each, contiguous."""
+    mean = stats[..., 0] / count
+    var = (stats[..., 1] / count - mean * mean).clamp_min(0.0)
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight.detach().double()
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias.detach().double()
+    return scale.float().contiguous(), shift.float().contiguous()
+
+
+def act_gemm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    scale: Optional[torch.Tensor] = None,
+    shift: Optional[torch.Tensor] = None,
+    prelu_weight: Optional[torch.Tensor] = None,
+    stats: bool = True,
+) -> "tuple[torch.Tensor, Optional[torch.Tensor]]":
+    """``y = F.conv3d(act(x), weight, bias)`` for a 1x1x1 ``weight`` ``(M, K, 1, 1, 1)`` (or ``(M, K)``) and a
+    contiguous float32 ``x`` ``(N, K, *spatial)``, where ``act(x) = PReLU(x * scale + shift)`` per (sample, channel)
+    (``scale``/``shift`` ``(N, K)`` float32, e.g. from :func:`affine_from_stats`; ``prelu_weight`` 1 or ``K``
+    slopes, or ``None``), or ``x`` itself when ``scale`` is ``None``. Returns ``y`` (contiguous) and, with
+    ``stats``, the float64 ``(N, M, 2)`` sums and sums of squares of each output channel."""
+    lib = _lib_or_raise()
+    _check(x, "x")
+    if x.dim() < 3 or not x.is_contiguous():
+        raise ValueError(f"x must be a contiguous (N, K, ...) tensor, got shape {tuple(x.shape)}.")
+    n, k = int(x.shape[0]), int(x.shape[1])
+    spatial = x.numel() // max(n * k, 1)
+    m = int(weight.shape[0])
+    w2 = weight.detach().reshape(m, -1).contiguous()
+    if w2.shape[1] != k:
+        raise ValueError(f"weight must be ({m}, {k}[, 1, 1, 1]), got {tuple(weight.shape)}.")
+    _check(w2, "weight")
+    _check_param(bias, "bias", [m])
+    if (scale is None) != (shift is None):
+        raise ValueError("scale and shift go together.")
+    for t, name in ((scale, "scale"), (shift, "shift")):
+        if t is not None:
+            _check(t, name)
+            if tuple(t.shape) != (n, k) or not t.is_contiguous():
+                raise ValueError(f"{name} must be contiguous ({n}, {k}), got {tuple(t.shape)}.")
+    if prelu_weight is not None and scale is None:
+        raise ValueError("prelu_weight needs scale and shift (the activation follows the affine).")
+    _check_param(prelu_weight, "prelu_weight", [1, k])
+    y = x.new_empty((n, m) + tuple(x.shape[2:]))
+    st = torch.zeros((n, m, 2), dtype=torch.float64) if stats else None
+    alpha = None if prelu_weight is None else prelu_weight.detach()
+    with torch.profiler.record_function("medseg_nets.native.act_gemm"):
+        lib.mn_act_gemm(
+            _ptr(x), _ptr(scale), _ptr(shift), _ptr(alpha), 0 if alpha is None else int(alpha.numel()),
+            _ptr(w2), _ptr(None if bias is None else bias.detach()), _ptr(y), _ptr(st), n, k, m, spatial,
+            torch.get_num_threads(),
+        )  # fmt: skip
+    if _observers:
+        params = _nbytes(w2, bias, alpha)
+        _report("act_gemm", 2 * m * x.numel(), _nbytes(x, scale, shift) + params, _nbytes(y, st), params)
+    return y, st
+
+
+def affine_act(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    prelu_weight: Optional[torch.Tensor] = None,
+    residual: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
+    stats: bool = False,
+) -> "tuple[torch.Tensor, Optional[torch.Tensor]]":
+    """``PReLU(x * scale + shift) + residual`` per (sample, channel) for a contiguous float32 ``x`` ``(N, C, ...)``
+    (``scale``/``shift`` float32 ``(N, C)``; no PReLU when ``prelu_weight`` is ``None``, no residual when it is
+    ``None``), written into ``out`` (``x`` itself for in place; default a new tensor). Returns the result and, with
+    ``stats``, its float64 ``(N, C, 2)`` sums and sums of squares per channel."""
+    lib = _lib_or_raise()
+    _check(x, "x")
+    if x.dim() < 2 or not x.is_contiguous():
+        raise ValueError(f"x must be a contiguous (N, C, ...) tensor, got shape {tuple(x.shape)}.")
+    n, c = int(x.shape[0]), int(x.shape[1])
+    spatial = x.numel() // max(n * c, 1)
+    for t, name in ((scale, "scale"), (shift, "shift")):
+        _check(t, name)
+        if tuple(t.shape) != (n, c) or not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous ({n}, {c}), got {tuple(t.shape)}.")
+    if residual is not None:
+        _check(residual, "residual")
+        if residual.shape != x.shape or not residual.is_contiguous():
+            raise ValueError(f"residual must be contiguous {tuple(x.shape)}, got {tuple(residual.shape)}.")
+    _check_param(prelu_weight, "prelu_weight", [1, c])
+    if out is None:
+        out = torch.empty_like(x)
+    _check(out, "out")
+    if out.shape != x.shape or not out.is_contiguous():
+        raise ValueError(f"out must be contiguous {tuple(x.shape)}, got {tuple(out.shape)}.")
+    st = torch.empty((n, c, 2), dtype=torch.float64) if stats else None
+    alpha = None if prelu_weight is None else prelu_weight.detach()
+    with torch.profiler.record_function("medseg_nets.native.affine_act"):
+        lib.mn_affine_act(
+            _ptr(x), _ptr(residual), _ptr(out), _ptr(scale), _ptr(shift), _ptr(alpha),
+            0 if alpha is None else int(alpha.numel()), _ptr(st), n, c, spatial, torch.get_num_threads(),
+        )  # fmt: skip
+    if _observers:
+        params = _nbytes(alpha)
+        _report("affine_act", 0, _nbytes(x, residual, scale, shift) + params, _nbytes(out, st), params)
+    return out, st

@@ -118,18 +118,29 @@ static void mn_unshift(double *s, double shift, int64_t S) {
 
 /* ---------------------------------------------------------------- depth-wise convolution */
 
+#define MN_MAX_BRANCHES 8
+
 typedef struct {
-    const float *x;      /* (n, c, D, H, W) contiguous */
-    const float *wt;     /* (c, 1, k, k, k) contiguous */
-    const float *b;      /* (c) or NULL */
-    float *y;            /* plane (s, ch) at y + s * y_sample_stride + ch * D*H*W */
-    double *stats;       /* (s, ch) -> stats[(s * stats_sample_stride + ch) * 2 + {0, 1}] or NULL */
+    const float *x;                      /* (n, c, D, H, W) contiguous */
+    const float *wt[MN_MAX_BRANCHES];    /* per branch (c, 1, k, k, k) contiguous */
+    const float *b[MN_MAX_BRANCHES];     /* per branch (c) or NULL */
+    int dil[MN_MAX_BRANCHES];
+    int nb;                              /* branches: same input, kernel size; own weights and dilation */
+    float *y;            /* plane (s, branch, ch) at y + s * y_sample_stride + (branch * c + ch) * D*H*W */
+    double *stats;       /* (s, branch, ch) -> stats[(s * stats_sample_stride + branch * c + ch) * 2 + {0, 1}] or NULL */
     int64_t c, d, h, w, y_sample_stride, stats_sample_stride;
-    int k, dil;
+    int k;
+    /* optional, per branch: each finished output plane normalised (its own mean and biased variance, eps), with
+     * the affine gn_w / gn_b (NULL: 1 / 0), then PReLU with slopes act[bi] (act_len[bi] 1 or c; NULL: none), in
+     * place while it is still in cache */
+    int post;
+    const float *gn_w[MN_MAX_BRANCHES], *gn_b[MN_MAX_BRANCHES], *act[MN_MAX_BRANCHES];
+    int64_t act_len[MN_MAX_BRANCHES];
+    double eps;
 } mn_dw_ctx;
 
-/* One output vector (or two, `two`) at the window base `p`: bias + the k^3 taps, one partial sum per kernel plane
- * kd (independent dependency chains), planes whose input slice lies outside the volume skipped. */
+/* One output vector (or two, `two`) at the window base `p` (any k): bias + the k^3 taps, one partial sum per kernel
+ * plane kd (independent dependency chains), planes whose input slice lies outside the volume skipped. */
 static inline void mn_dw_vectors(const float *const *slices, const int64_t *off, const float *restrict wk, int k,
                                  float bias, int64_t i, int two, float *restrict out) {
     mn_vec acc0 = (mn_vec){0} + bias, acc1 = (mn_vec){0} + bias;
@@ -156,102 +167,211 @@ static inline void mn_dw_vectors(const float *const *slices, const int64_t *off,
     if (two) memcpy(out + MN_VEC, &acc1, sizeof acc1);
 }
 
-/* Input slices are copied, once each, into a ring of zero-padded slices (pad = dil * (k / 2) along H and W, rows
- * rounded up to whole vectors) that stays in cache; every output vector is then bias + the weighted input vectors
- * at fixed offsets, without bounds tests. */
+/* One output row of NV vectors for k = 3: bias + the 27 taps, each weight broadcast once for the row, the NV
+ * accumulators in registers. `rows[kd]`: the padded slice of kernel plane kd at this output's window (NULL: outside
+ * the volume); `ld`: padded row length. */
+#define MN_DW_ROW(NV)                                                                                              \
+    static inline void mn_dw_row3_##NV(const float *const *rows, int64_t ld, int dil, const float *restrict wk,    \
+                                       float bias, float *restrict out) {                                         \
+        mn_vec acc[NV];                                                                                           \
+        int v, kd, kh;                                                                                            \
+        for (v = 0; v < NV; ++v) acc[v] = (mn_vec){0} + bias;                                                     \
+        for (kd = 0; kd < 3; ++kd) {                                                                              \
+            if (rows[kd] == NULL) continue;                                                                       \
+            for (kh = 0; kh < 3; ++kh) {                                                                          \
+                const float *restrict r = rows[kd] + (int64_t)kh * dil * ld;                                      \
+                const float w0 = wk[(kd * 3 + kh) * 3], w1 = wk[(kd * 3 + kh) * 3 + 1],                           \
+                            w2 = wk[(kd * 3 + kh) * 3 + 2];                                                       \
+                for (v = 0; v < NV; ++v)                                                                          \
+                    acc[v] += w0 * mn_load(r + v * MN_VEC) + w1 * mn_load(r + v * MN_VEC + dil) +                 \
+                              w2 * mn_load(r + v * MN_VEC + 2 * dil);                                             \
+            }                                                                                                     \
+        }                                                                                                         \
+        for (v = 0; v < NV; ++v) memcpy(out + v * MN_VEC, &acc[v], sizeof(mn_vec));                               \
+    }
+MN_DW_ROW(1)
+MN_DW_ROW(2)
+MN_DW_ROW(3)
+MN_DW_ROW(4)
+MN_DW_ROW(5)
+MN_DW_ROW(6)
+
+static inline void mn_dw_row3(const float *const *rows, int64_t ld, int dil, const float *wk, float bias, int nv,
+                              float *out) {
+    switch (nv) {
+        case 1: mn_dw_row3_1(rows, ld, dil, wk, bias, out); break;
+        case 2: mn_dw_row3_2(rows, ld, dil, wk, bias, out); break;
+        case 3: mn_dw_row3_3(rows, ld, dil, wk, bias, out); break;
+        case 4: mn_dw_row3_4(rows, ld, dil, wk, bias, out); break;
+        case 5: mn_dw_row3_5(rows, ld, dil, wk, bias, out); break;
+        default: mn_dw_row3_6(rows, ld, dil, wk, bias, out); break;
+    }
+}
+
+/* Input slices are copied, once each, into a ring of zero-padded slices (pad = the largest dilation * (k / 2) along
+ * H and W, rows rounded up to whole vectors) that stays in cache; every branch reads its taps from that ring, so the
+ * input is read from memory once for all branches, and every output vector is bias + the weighted input vectors at
+ * fixed offsets, without bounds tests. */
 static void mn_dw_task(const void *vctx, int64_t begin, int64_t end) {
     const mn_dw_ctx *ctx = (const mn_dw_ctx *)vctx;
     const int64_t D = ctx->d, H = ctx->h, W = ctx->w, plane = D * H * W;
-    const int k = ctx->k, kk = k * k * k, dil = ctx->dil;
-    const int64_t pad = (int64_t)dil * (k / 2);
-    const int64_t Wr = (W + MN_VEC - 1) / MN_VEC * MN_VEC; /* outputs per row, rounded up */
-    const int64_t Wp = Wr + 2 * pad, Hp = H + 2 * pad, slice = Hp * Wp;
-    const int64_t R = 2 * pad + 1; /* ring: input slices od - pad .. od + pad */
-    float *ring = (float *)calloc((size_t)(R * slice), sizeof(float));
-    float *row = (float *)malloc(sizeof(float) * (size_t)Wr);
-    int64_t *off = (int64_t *)malloc(sizeof(int64_t) * (size_t)(k * k));
-    const float **slices = (const float **)malloc(sizeof(float *) * (size_t)k);
-    int64_t item;
-    int t;
-    if (ring == NULL || row == NULL || off == NULL || slices == NULL) goto done;
-    for (t = 0; t < k * k; ++t) off[t] = (int64_t)(t / k) * dil * Wp + (int64_t)(t % k) * dil;
-    for (item = begin; item < end; ++item) {
-        const int64_t s = item / ctx->c, ch = item % ctx->c;
-        const float *restrict xin = ctx->x + item * plane;
-        const float *restrict wk = ctx->wt + ch * (int64_t)kk;
-        float *restrict yout = ctx->y + s * ctx->y_sample_stride + ch * plane;
-        const float bias = ctx->b ? ctx->b[ch] : 0.0f;
-        double st[2] = {0.0, 0.0};
-        float shift = 0.0f;
-        int64_t od, oh, i, loaded = -1; /* input slices < loaded+1 are in the ring */
-        for (od = 0; od < D; ++od) {
-            int kd;
-            mn_vec sa = (mn_vec){0}, sq = (mn_vec){0}; /* this slice's shifted sums, full vectors of the rows */
-            double tail[2] = {0.0, 0.0};                /* and the rows' last W % MN_VEC values */
-            for (; loaded < od + pad && loaded + 1 < D; ++loaded) {
-                float *dst = ring + ((loaded + 1) % R) * slice;
-                int64_t ih;
-                for (ih = 0; ih < H; ++ih)
-                    memcpy(dst + (ih + pad) * Wp + pad, xin + ((loaded + 1) * H + ih) * W, sizeof(float) * (size_t)W);
+    const int k = ctx->k, kk = k * k * k, nb = ctx->nb;
+    int64_t pad = 0;
+    int bi;
+    for (bi = 0; bi < nb; ++bi)
+        if ((int64_t)ctx->dil[bi] * (k / 2) > pad) pad = (int64_t)ctx->dil[bi] * (k / 2);
+    {
+        const int64_t Wr = (W + MN_VEC - 1) / MN_VEC * MN_VEC; /* outputs per row, rounded up */
+        const int64_t Wp = Wr + 2 * pad, Hp = H + 2 * pad, slice = Hp * Wp;
+        const int64_t R = 2 * pad + 1; /* ring: input slices od - pad .. od + pad */
+        float *ring = (float *)calloc((size_t)(R * slice), sizeof(float));
+        float *row = (float *)malloc(sizeof(float) * (size_t)Wr);
+        int64_t *off = (int64_t *)malloc(sizeof(int64_t) * (size_t)(k * k) * (size_t)nb);
+        const float **slices = (const float **)malloc(sizeof(float *) * (size_t)k);
+        const float **shifted = (const float **)malloc(sizeof(float *) * (size_t)k);
+        int64_t item;
+        int t;
+        if (ring == NULL || row == NULL || off == NULL || slices == NULL || shifted == NULL) goto done;
+        for (bi = 0; bi < nb; ++bi)
+            for (t = 0; t < k * k; ++t)
+                off[bi * k * k + t] = (int64_t)(t / k) * ctx->dil[bi] * Wp + (int64_t)(t % k) * ctx->dil[bi];
+        for (item = begin; item < end; ++item) {
+            const int64_t s = item / ctx->c, ch = item % ctx->c;
+            const float *restrict xin = ctx->x + item * plane;
+            double st[MN_MAX_BRANCHES][2];
+            float shift[MN_MAX_BRANCHES];
+            int64_t od, oh, i, loaded = -1; /* input slices <= loaded are in the ring */
+            memset(st, 0, sizeof st);
+            memset(shift, 0, sizeof shift);
+            for (od = 0; od < D; ++od) {
+                for (; loaded < od + pad && loaded + 1 < D; ++loaded) {
+                    float *dst = ring + ((loaded + 1) % R) * slice;
+                    int64_t ih;
+                    for (ih = 0; ih < H; ++ih)
+                        memcpy(dst + (ih + pad) * Wp + pad, xin + ((loaded + 1) * H + ih) * W,
+                               sizeof(float) * (size_t)W);
+                }
+                for (bi = 0; bi < nb; ++bi) {
+                    const int dil = ctx->dil[bi];
+                    const int64_t rb = (int64_t)dil * (k / 2), corner = (pad - rb) * Wp + (pad - rb);
+                    const float *restrict wk = ctx->wt[bi] + ch * (int64_t)kk;
+                    const float bias = ctx->b[bi] ? ctx->b[bi][ch] : 0.0f;
+                    float *restrict yout = ctx->y + s * ctx->y_sample_stride + (bi * ctx->c + ch) * plane;
+                    mn_vec sa = (mn_vec){0}, sq = (mn_vec){0}; /* this slice's shifted sums, full vectors */
+                    double tail[2] = {0.0, 0.0};                /* and the rows' last W % MN_VEC values */
+                    int kd;
+                    for (kd = 0; kd < k; ++kd) {
+                        const int64_t id = od + (int64_t)(kd - k / 2) * dil;
+                        slices[kd] = (id < 0 || id >= D) ? NULL : ring + (id % R) * slice + corner;
+                    }
+                    for (oh = 0; oh < H; ++oh) {
+                        for (kd = 0; kd < k; ++kd) shifted[kd] = slices[kd] ? slices[kd] + oh * Wp : NULL;
+                        if (k == 3) {
+                            for (i = 0; i < Wr; i += 6 * MN_VEC) {
+                                const float *rows3[3];
+                                const int nv = (int)((Wr - i) / MN_VEC < 6 ? (Wr - i) / MN_VEC : 6);
+                                for (kd = 0; kd < 3; ++kd) rows3[kd] = shifted[kd] ? shifted[kd] + i : NULL;
+                                mn_dw_row3(rows3, Wp, dil, wk, bias, nv, row + i);
+                            }
+                        } else {
+                            const int64_t *offb = off + bi * k * k;
+                            for (i = 0; i + 2 * MN_VEC <= Wr; i += 2 * MN_VEC)
+                                mn_dw_vectors(shifted, offb, wk, k, bias, i, 1, row + i);
+                            if (i < Wr) mn_dw_vectors(shifted, offb, wk, k, bias, i, 0, row + i);
+                        }
+                        memcpy(yout + (od * H + oh) * W, row, sizeof(float) * (size_t)W);
+                        if (ctx->stats || ctx->post) {
+                            int64_t j;
+                            if (od == 0 && oh == 0) shift[bi] = row[0];
+                            for (j = 0; j + MN_VEC <= W; j += MN_VEC) {
+                                const mn_vec v = mn_load(row + j) - shift[bi];
+                                sa += v;
+                                sq += v * v;
+                            }
+                            for (; j < W; ++j) {
+                                const double v = (double)(row[j] - shift[bi]);
+                                tail[0] += v;
+                                tail[1] += v * v;
+                            }
+                        }
+                    }
+                    if (ctx->stats || ctx->post) {
+                        int l;
+                        for (l = 0; l < MN_VEC; ++l) {
+                            st[bi][0] += sa[l];
+                            st[bi][1] += sq[l];
+                        }
+                        st[bi][0] += tail[0];
+                        st[bi][1] += tail[1];
+                    }
+                }
             }
-            for (kd = 0; kd < k; ++kd) {
-                const int64_t id = od + (int64_t)(kd - k / 2) * dil;
-                slices[kd] = (id < 0 || id >= D) ? NULL : ring + (id % R) * slice;
-            }
-            for (oh = 0; oh < H; ++oh) {
-                const int64_t base = oh * Wp; /* window of output (oh, i): rows oh.. of each padded slice, column i */
-                const float *shifted[16];
-                int kd2;
-                for (kd2 = 0; kd2 < k && kd2 < 16; ++kd2) shifted[kd2] = slices[kd2] ? slices[kd2] + base : NULL;
-                for (i = 0; i + 2 * MN_VEC <= Wr; i += 2 * MN_VEC) mn_dw_vectors(shifted, off, wk, k, bias, i, 1, row + i);
-                if (i < Wr) mn_dw_vectors(shifted, off, wk, k, bias, i, 0, row + i);
-                memcpy(yout + (od * H + oh) * W, row, sizeof(float) * (size_t)W);
+            for (bi = 0; bi < nb; ++bi) {
+                mn_unshift(st[bi], (double)shift[bi], plane);
                 if (ctx->stats) {
+                    double *out = ctx->stats + (s * ctx->stats_sample_stride + bi * ctx->c + ch) * 2;
+                    out[0] = st[bi][0];
+                    out[1] = st[bi][1];
+                }
+                if (ctx->post) {
+                    float *restrict yp = ctx->y + s * ctx->y_sample_stride + (bi * ctx->c + ch) * plane;
+                    const double mean = st[bi][0] / (double)plane;
+                    double var = st[bi][1] / (double)plane - mean * mean;
+                    double rstd, g, bt;
+                    float sc, sh, a;
                     int64_t j;
-                    if (od == 0 && oh == 0) shift = row[0];
-                    for (j = 0; j + MN_VEC <= W; j += MN_VEC) {
-                        const mn_vec v = mn_load(row + j) - shift;
-                        sa += v;
-                        sq += v * v;
-                    }
-                    for (; j < W; ++j) {
-                        const double v = (double)(row[j] - shift);
-                        tail[0] += v;
-                        tail[1] += v * v;
+                    if (var < 0.0) var = 0.0;
+                    rstd = 1.0 / sqrt(var + ctx->eps);
+                    g = ctx->gn_w[bi] ? (double)ctx->gn_w[bi][ch] : 1.0;
+                    bt = ctx->gn_b[bi] ? (double)ctx->gn_b[bi][ch] : 0.0;
+                    sc = (float)(rstd * g);
+                    sh = (float)(bt - mean * rstd * g);
+                    if (ctx->act[bi]) {
+                        a = ctx->act[bi][ctx->act_len[bi] == 1 ? 0 : ch];
+                        for (j = 0; j < plane; ++j) {
+                            const float t = yp[j] * sc + sh;
+                            yp[j] = t > 0.0f ? t : a * t;
+                        }
+                    } else {
+                        for (j = 0; j < plane; ++j) yp[j] = yp[j] * sc + sh;
                     }
                 }
             }
-            if (ctx->stats) {
-                int l;
-                for (l = 0; l < MN_VEC; ++l) {
-                    st[0] += sa[l];
-                    st[1] += sq[l];
-                }
-                st[0] += tail[0];
-                st[1] += tail[1];
-            }
         }
-        if (ctx->stats) {
-            double *out = ctx->stats + (s * ctx->stats_sample_stride + ch) * 2;
-            mn_unshift(st, (double)shift, plane);
-            out[0] = st[0];
-            out[1] = st[1];
-        }
+    done:
+        free(ring);
+        free(row);
+        free(off);
+        free((void *)slices);
+        free((void *)shifted);
     }
-done:
-    free(ring);
-    free(row);
-    free(off);
-    free((void *)slices);
 }
 
-int mn_depthwise3d(const float *x, const float *w, const float *b, float *y, double *stats, int64_t n, int64_t c,
-                   int64_t d, int64_t h, int64_t wd, int k, int dil, int64_t y_sample_stride,
-                   int64_t stats_sample_stride, int threads) {
+/* nb branches (nb <= MN_MAX_BRANCHES) of depth-wise convolution of the same input: weights w[bi], biases b[bi]
+ * (NULL entries: no bias), dilations dil[bi]; branch bi's output channels start at channel bi * c of y. With
+ * post != 0, each output plane is then normalised, gn_w / gn_b applied and PReLU act[bi] (see mn_dw_ctx). */
+int mn_depthwise3d(const float *x, const float *const *w, const float *const *b, const int *dil, int nb, float *y,
+                   double *stats, int64_t n, int64_t c, int64_t d, int64_t h, int64_t wd, int k,
+                   int64_t y_sample_stride, int64_t stats_sample_stride, int post, const float *const *gn_w,
+                   const float *const *gn_b, const float *const *act, const int64_t *act_len, double eps,
+                   int threads) {
     mn_dw_ctx ctx;
+    int bi;
+    if (nb < 1 || nb > MN_MAX_BRANCHES || k < 1 || k % 2 == 0 || k > 15) return -1;
+    memset(&ctx, 0, sizeof ctx);
     ctx.x = x;
-    ctx.wt = w;
-    ctx.b = b;
+    for (bi = 0; bi < nb; ++bi) {
+        ctx.wt[bi] = w[bi];
+        ctx.b[bi] = b[bi];
+        ctx.dil[bi] = dil[bi];
+        if (post) {
+            ctx.gn_w[bi] = gn_w[bi];
+            ctx.gn_b[bi] = gn_b[bi];
+            ctx.act[bi] = act[bi];
+            ctx.act_len[bi] = act_len[bi];
+        }
+    }
+    ctx.nb = nb;
     ctx.y = y;
     ctx.stats = stats;
     ctx.c = c;
@@ -259,9 +379,10 @@ int mn_depthwise3d(const float *x, const float *w, const float *b, float *y, dou
     ctx.h = h;
     ctx.w = wd;
     ctx.k = k;
-    ctx.dil = dil;
     ctx.y_sample_stride = y_sample_stride;
     ctx.stats_sample_stride = stats_sample_stride;
+    ctx.post = post;
+    ctx.eps = eps;
     return mn_parallel_for(n * c, threads, mn_dw_task, &ctx);
 }
 
@@ -346,4 +467,224 @@ int mn_norm_act(const float *x, const float *r, float *y, const double *stats, c
     ctx.S = S;
     ctx.eps = eps;
     return mn_parallel_for(n * c, threads, mn_na_task, &ctx);
+}
+
+/* ---------------------------------------------------------------- point-wise product of an activated input */
+
+#define MN_CHUNK 256 /* voxels per chunk: the activated input chunk (K x MN_CHUNK floats) stays in L1/L2 */
+#define MN_OB 4      /* output channels per register block */
+#define MN_LDA (MN_CHUNK + MN_VEC) /* row stride of the activated chunk: not a multiple of 1 KiB, so that its rows
+                                    * fall into different L1 sets instead of evicting each other */
+
+/* 4 output channels x MN_NV vectors of voxels: out[j * MN_CHUNK + 0 .. MN_NV * MN_VEC) = b[j] + sum_k w[j * K + k] *
+ * A[k * MN_LDA + ...]; the 4 x MN_NV accumulators stay in registers. */
+#define MN_NV 4
+static inline void mn_gemm4(const float *restrict A, const float *restrict w, int64_t K, const float *b,
+                            float *restrict out) {
+    mn_vec c[4][MN_NV];
+    int64_t k;
+    int j, v;
+    for (j = 0; j < 4; ++j)
+        for (v = 0; v < MN_NV; ++v) c[j][v] = (mn_vec){0} + (b ? b[j] : 0.0f);
+    for (k = 0; k < K; ++k) {
+        mn_vec a[MN_NV];
+        for (v = 0; v < MN_NV; ++v) a[v] = mn_load(A + k * MN_LDA + v * MN_VEC);
+        for (j = 0; j < 4; ++j) {
+            const float wv = w[j * K + k];
+            for (v = 0; v < MN_NV; ++v) c[j][v] += wv * a[v];
+        }
+    }
+    for (j = 0; j < 4; ++j)
+        for (v = 0; v < MN_NV; ++v) memcpy(out + j * MN_CHUNK + v * MN_VEC, &c[j][v], sizeof(mn_vec));
+}
+
+/* One output channel x MN_NV vectors of voxels (the channels left over by mn_gemm4). */
+static inline void mn_gemm1(const float *restrict A, const float *restrict w, int64_t K, float b,
+                            float *restrict out) {
+    mn_vec c[MN_NV];
+    int64_t k;
+    int v;
+    for (v = 0; v < MN_NV; ++v) c[v] = (mn_vec){0} + b;
+    for (k = 0; k < K; ++k)
+        for (v = 0; v < MN_NV; ++v) c[v] += w[k] * mn_load(A + k * MN_LDA + v * MN_VEC);
+    for (v = 0; v < MN_NV; ++v) memcpy(out + v * MN_VEC, &c[v], sizeof(mn_vec));
+}
+
+typedef struct {
+    const float *x;                    /* (n, K, S) contiguous */
+    const float *scale, *shift;        /* (n, K) or NULL: act(x * scale + shift) feeds the product, else x */
+    const float *alpha;                /* PReLU slope(s) after the affine, alpha_len 1 or K, or NULL */
+    const float *w;                    /* (M, K) contiguous */
+    const float *b;                    /* (M) or NULL */
+    float *y;                          /* (n, M, S) contiguous */
+    double *stats;                     /* (n, M, 2) sums and sums of squares of y (zeroed by the caller) or NULL */
+    int64_t n, K, M, S, chunks, alpha_len;
+    pthread_mutex_t *lock;
+} mn_ag_ctx;
+
+static void mn_ag_task(const void *vctx, int64_t begin, int64_t end) {
+    const mn_ag_ctx *ctx = (const mn_ag_ctx *)vctx;
+    const int64_t K = ctx->K, M = ctx->M, S = ctx->S, n = ctx->n;
+    float *A = (float *)malloc(sizeof(float) * (size_t)(K * MN_LDA));
+    float *tmp = (float *)malloc(sizeof(float) * (size_t)(MN_OB * MN_CHUNK));
+    double *st = ctx->stats ? (double *)calloc((size_t)(n * M * 2), sizeof(double)) : NULL;
+    float *shift = ctx->stats ? (float *)calloc((size_t)(n * M), sizeof(float)) : NULL;
+    int64_t *count = ctx->stats ? (int64_t *)calloc((size_t)n, sizeof(int64_t)) : NULL;
+    int64_t item, i, k, o0;
+    if (A == NULL || tmp == NULL || (ctx->stats && (st == NULL || shift == NULL || count == NULL))) goto done;
+    for (item = begin; item < end; ++item) {
+        const int64_t s = item / ctx->chunks, v0 = (item % ctx->chunks) * MN_CHUNK;
+        const int64_t vlen = S - v0 < MN_CHUNK ? S - v0 : MN_CHUNK;
+        /* the activated input chunk, zero past the end of the sample */
+        for (k = 0; k < K; ++k) {
+            const float *restrict src = ctx->x + (s * K + k) * S + v0;
+            float *restrict dst = A + k * MN_LDA;
+            if (ctx->scale) {
+                const float sc = ctx->scale[s * K + k], sh = ctx->shift[s * K + k];
+                if (ctx->alpha) {
+                    const float a = ctx->alpha[ctx->alpha_len == 1 ? 0 : k];
+                    for (i = 0; i < vlen; ++i) {
+                        const float t = src[i] * sc + sh;
+                        dst[i] = t > 0.0f ? t : a * t;
+                    }
+                } else {
+                    for (i = 0; i < vlen; ++i) dst[i] = src[i] * sc + sh;
+                }
+            } else {
+                memcpy(dst, src, sizeof(float) * (size_t)vlen);
+            }
+            for (i = vlen; i < MN_CHUNK; ++i) dst[i] = 0.0f;
+        }
+        if (count) count[s] += vlen;
+        for (o0 = 0; o0 < M; o0 += MN_OB) {
+            const int ob = M - o0 < MN_OB ? (int)(M - o0) : MN_OB;
+            int j;
+            for (i = 0; i < MN_CHUNK; i += MN_NV * MN_VEC) {
+                if (ob == MN_OB)
+                    mn_gemm4(A + i, ctx->w + o0 * K, K, ctx->b ? ctx->b + o0 : NULL, tmp + i);
+                else
+                    for (j = 0; j < ob; ++j)
+                        mn_gemm1(A + i, ctx->w + (o0 + j) * K, K, ctx->b ? ctx->b[o0 + j] : 0.0f,
+                                 tmp + j * MN_CHUNK + i);
+            }
+            for (j = 0; j < ob; ++j) {
+                const int64_t so = s * M + o0 + j;
+                const float *restrict t = tmp + j * MN_CHUNK;
+                memcpy(ctx->y + so * S + v0, t, sizeof(float) * (size_t)vlen);
+                if (st) {
+                    double part[2] = {0.0, 0.0};
+                    if (count[s] == vlen) shift[so] = t[0]; /* the first chunk of this sample in this thread */
+                    mn_sums(t, NULL, vlen, shift[so], part);
+                    st[so * 2] += part[0];
+                    st[so * 2 + 1] += part[1];
+                }
+            }
+        }
+    }
+    if (st) {
+        int64_t so;
+        pthread_mutex_lock(ctx->lock);
+        for (so = 0; so < n * M; ++so) {
+            double part[2];
+            if (count[so / M] == 0) continue;
+            part[0] = st[so * 2];
+            part[1] = st[so * 2 + 1];
+            mn_unshift(part, (double)shift[so], count[so / M]);
+            ctx->stats[so * 2] += part[0];
+            ctx->stats[so * 2 + 1] += part[1];
+        }
+        pthread_mutex_unlock(ctx->lock);
+    }
+done:
+    free(A);
+    free(tmp);
+    free(st);
+    free(shift);
+    free(count);
+}
+
+int mn_act_gemm(const float *x, const float *scale, const float *shift, const float *alpha, int64_t alpha_len,
+                const float *w, const float *b, float *y, double *stats, int64_t n, int64_t K, int64_t M, int64_t S,
+                int threads) {
+    pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+    mn_ag_ctx ctx;
+    ctx.x = x;
+    ctx.scale = scale;
+    ctx.shift = shift;
+    ctx.alpha = alpha;
+    ctx.alpha_len = alpha_len;
+    ctx.w = w;
+    ctx.b = b;
+    ctx.y = y;
+    ctx.stats = stats;
+    ctx.n = n;
+    ctx.K = K;
+    ctx.M = M;
+    ctx.S = S;
+    ctx.chunks = (S + MN_CHUNK - 1) / MN_CHUNK;
+    ctx.lock = &lock;
+    return mn_parallel_for(n * ctx.chunks, threads, mn_ag_task, &ctx);
+}
+
+/* ---------------------------------------------------------------- affine + PReLU (+ residual), with statistics */
+
+typedef struct {
+    const float *x, *r;         /* (n, c, S) contiguous; r added after the activation, or NULL */
+    float *y;                   /* (n, c, S), may be x */
+    const float *scale, *shift; /* (n, c) */
+    const float *alpha;         /* slope(s), alpha_len 1 or c, or NULL */
+    double *stats;              /* (n, c, 2) of y, or NULL */
+    int64_t c, S, alpha_len;
+} mn_aa_ctx;
+
+static void mn_aa_task(const void *vctx, int64_t begin, int64_t end) {
+    const mn_aa_ctx *ctx = (const mn_aa_ctx *)vctx;
+    const int64_t S = ctx->S;
+    enum { BLOCK = 4096 };
+    int64_t item, j0, i;
+    for (item = begin; item < end; ++item) {
+        const int64_t ch = item % ctx->c;
+        const float *x = ctx->x + item * S;
+        const float *restrict r = ctx->r ? ctx->r + item * S : NULL;
+        float *y = ctx->y + item * S; /* may alias x */
+        const float sc = ctx->scale[item], sh = ctx->shift[item];
+        const float a = ctx->alpha ? ctx->alpha[ctx->alpha_len == 1 ? 0 : ch] : 1.0f;
+        double st[2] = {0.0, 0.0};
+        float shift = 0.0f;
+        for (j0 = 0; j0 < S; j0 += BLOCK) {
+            const int64_t j1 = j0 + BLOCK < S ? j0 + BLOCK : S;
+            for (i = j0; i < j1; ++i) {
+                const float t = x[i] * sc + sh;
+                y[i] = t > 0.0f ? t : a * t;
+            }
+            if (r)
+                for (i = j0; i < j1; ++i) y[i] += r[i];
+            if (ctx->stats) {
+                if (j0 == 0) shift = y[0];
+                mn_sums(y + j0, NULL, j1 - j0, shift, st);
+            }
+        }
+        if (ctx->stats) {
+            mn_unshift(st, (double)shift, S);
+            ctx->stats[item * 2] = st[0];
+            ctx->stats[item * 2 + 1] = st[1];
+        }
+    }
+}
+
+int mn_affine_act(const float *x, const float *r, float *y, const float *scale, const float *shift,
+                  const float *alpha, int64_t alpha_len, double *stats, int64_t n, int64_t c, int64_t S,
+                  int threads) {
+    mn_aa_ctx ctx;
+    ctx.x = x;
+    ctx.r = r;
+    ctx.y = y;
+    ctx.scale = scale;
+    ctx.shift = shift;
+    ctx.alpha = alpha;
+    ctx.alpha_len = alpha_len;
+    ctx.stats = stats;
+    ctx.c = c;
+    ctx.S = S;
+    return mn_parallel_for(n * c, threads, mn_aa_task, &ctx);
 }

@@ -24,7 +24,7 @@ from medseg_nets import native
 from medseg_nets.blocks.depthwise import set_cpu_fast_path
 
 #: the kernels of medseg_nets.native timed as kinds of their own when called outside a leaf module
-NATIVE_KERNELS = ("depthwise3d", "norm_act")
+NATIVE_KERNELS = ("depthwise3d", "depthwise3d_branches", "norm_act")
 
 
 def layer_kind(module: nn.Module) -> str:

@@ -42,6 +42,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from medseg_nets import native
+
 aten = torch.ops.aten
 
 #: ops that allocate (or re-point) storage without writing values: 0 bytes
@@ -183,10 +185,23 @@ class TrafficMode(TorchDispatchMode):
 
 def record_forward(fn: Callable[..., Any], *args: Any, params: Iterable[torch.Tensor] = ()) -> list[OpRecord]:
     """The op records of one call ``fn(*args)`` (run it under ``torch.inference_mode`` for a forward); ``params``:
-    the model's parameters and buffers."""
+    the model's parameters and buffers. The fused C kernels of :mod:`medseg_nets.native` run as they do outside
+    the recorder and are recorded from what they report (``native.<kernel>``, kind ``conv`` for the depth-wise
+    convolution), so the records are the op sequence the network really runs."""
     mode = TrafficMode(params)
-    with mode:
-        fn(*args)
+    mode.sees_native_kernels = True  # medseg_nets.blocks.depthwise.use_native_kernels: keep the kernels on
+
+    def observe(call: native.KernelCall) -> None:
+        kind = "conv" if call.name == "depthwise3d" else "other"
+        mode.records.append(OpRecord(f"native.{call.name}", kind, call.flops, call.bytes_read, call.bytes_written,
+                                     call.param_bytes_read))
+
+    native.add_observer(observe)
+    try:
+        with mode:
+            fn(*args)
+    finally:
+        native.remove_observer(observe)
     return mode.records
 
 
