@@ -177,8 +177,14 @@ def check_export(bundle: Path, n: int) -> list[str]:
         x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             ref, out = net(x), scripted(x)
-        if ref.shape != out.shape or not torch.allclose(ref, out, atol=1e-4, rtol=1e-4):
-            return [f"TorchScript output differs from eager (max abs diff {float((ref - out).abs().max()):.3g})"]
+        # TorchScript runs the PyTorch layers, eager on CPU may run medseg_nets.native's fused kernels (another order
+        # of the same arithmetic): the same outputs within 1e-4 of their range (issue 16's tolerance)
+        if ref.shape != out.shape:
+            return [f"TorchScript output shape {tuple(out.shape)} differs from eager {tuple(ref.shape)}"]
+        diff, span = float((ref - out).abs().max()), float(ref.max() - ref.min())
+        if diff > 1e-4 * max(span, 1.0):
+            return [f"TorchScript output differs from eager (max abs diff {diff:.3g}, {diff / max(span, 1e-12):.2g} "
+                    "of the output range; 1e-4 allowed)"]
     return []
 
 

@@ -10,19 +10,15 @@ here do such a chain in fewer passes over the channels-first maps as they are:
 - :func:`depthwise3d`: depth-wise ``k^3`` convolution (stride 1, 'same' zero padding ``dilation * (k // 2)``)
   straight on ``(N, C, D, H, W)`` (no channels-last copies), optionally with the per-channel sums and sums of
   squares of its output (the statistics of the norm that follows, without reading the output again);
-  :func:`depthwise3d_branches` several of them on the same input (GLIMS's three dilations), reading it once.
-- :func:`act_gemm`: the point-wise (1x1x1) product ``W @ act(x)`` of each sample, where ``act`` is an optional
-  per-channel affine and PReLU of the input (the norm + PReLU that precede the product, applied chunk by chunk in
-  cache instead of in a pass of their own), with the per-channel sums and sums of squares of the output (the
-  statistics of the norm that follows).
-- :func:`affine_act`: ``PReLU(x * scale + shift) (+ residual)`` per (sample, channel), in place if asked, with the
-  statistics of the result; :func:`affine_from_stats` turns statistics into that ``scale`` and ``shift``.
+  :func:`depthwise3d_branches` several of them on the same input (GLIMS's three dilations), reading it once, and
+  optionally each output channel's group norm (one group per channel) and PReLU applied while it is in cache.
 - :func:`norm_act`: per-channel normalisation (instance norm, or group norm with one group per channel; biased
   variance, ``eps``), optional affine, and PReLU, of ``x`` or ``x + residual``, in one read for the statistics
   (none when given) and one read-write pass, in place if asked.
 
-They compute the same arithmetic as the PyTorch layers in a different order (statistics in double): outputs agree
-to float32 rounding (``tests/test_native.py``). Work is split over (sample, channel) planes across
+They compute the same arithmetic as the PyTorch layers in a different order (statistics about a shift, the first
+value of each channel, so that the variance has no cancellation; float lanes over short blocks summed in double):
+outputs agree to float32 rounding (``tests/test_native.py``). Work is split over (sample, channel) planes across
 ``torch.get_num_threads()`` POSIX threads.
 
 Build: ``$CC`` (else ``cc``, ``gcc`` or ``clang`` on the ``PATH``) with ``-O3 -march=native -shared -fPIC
@@ -51,10 +47,7 @@ import torch
 
 __all__ = [
     "KernelCall",
-    "act_gemm",
     "add_observer",
-    "affine_act",
-    "affine_from_stats",
     "available",
     "depthwise3d",
     "depthwise3d_branches",
@@ -201,10 +194,6 @@ def _declare(lib: ctypes.CDLL) -> None:
                                    f64, i32]
     lib.mn_norm_act.restype = i32
     lib.mn_norm_act.argtypes = [p, p, p, p, p, p, p, i64, i64, i64, i64, f64, i32]
-    lib.mn_act_gemm.restype = i32
-    lib.mn_act_gemm.argtypes = [p, p, p, p, i64, p, p, p, p, i64, i64, i64, i64, i32]
-    lib.mn_affine_act.restype = i32
-    lib.mn_affine_act.argtypes = [p, p, p, p, p, p, i64, p, i64, i64, i64, i32]
 
 
 def library() -> Optional[ctypes.CDLL]:
@@ -440,121 +429,3 @@ def norm_act(
         params = _nbytes(weight, bias, alpha)
         _report("norm_act", 0, _nbytes(x, residual, stats) + params, _nbytes(out), params)
     return out
-
-
-def affine_from_stats(
-    stats: torch.Tensor,
-    count: int,
-    weight: Optional[torch.Tensor] = None,
-    bias: Optional[torch.Tensor] = None,
-    eps: float = 1e-5,
-) -> "tuple[torch.Tensor, torch.Tensor]":
-    """Per-channel normalisation as an affine map: from float64 sums and sums of squares ``stats`` ``(N, C, 2)`` of
-    ``count`` values each, ``scale = weight / sqrt(var + eps)`` and ``shift = bias - mean * scale`` (biased
-    variance; ``weight`` 1 and ``bias`` 0 when ``None``), float32 ``(N, C)`` each, contiguous."""
-    mean = stats[..., 0] / count
-    var = (stats[..., 1] / count - mean * mean).clamp_min(0.0)
-    scale = torch.rsqrt(var + eps)
-    if weight is not None:
-        scale = scale * weight.detach().double()
-    shift = -mean * scale
-    if bias is not None:
-        shift = shift + bias.detach().double()
-    return scale.float().contiguous(), shift.float().contiguous()
-
-
-def act_gemm(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor] = None,
-    scale: Optional[torch.Tensor] = None,
-    shift: Optional[torch.Tensor] = None,
-    prelu_weight: Optional[torch.Tensor] = None,
-    stats: bool = True,
-) -> "tuple[torch.Tensor, Optional[torch.Tensor]]":
-    """``y = F.conv3d(act(x), weight, bias)`` for a 1x1x1 ``weight`` ``(M, K, 1, 1, 1)`` (or ``(M, K)``) and a
-    contiguous float32 ``x`` ``(N, K, *spatial)``, where ``act(x) = PReLU(x * scale + shift)`` per (sample, channel)
-    (``scale``/``shift`` ``(N, K)`` float32, e.g. from :func:`affine_from_stats`; ``prelu_weight`` 1 or ``K``
-    slopes, or ``None``), or ``x`` itself when ``scale`` is ``None``. Returns ``y`` (contiguous) and, with
-    ``stats``, the float64 ``(N, M, 2)`` sums and sums of squares of each output channel."""
-    lib = _lib_or_raise()
-    _check(x, "x")
-    if x.dim() < 3 or not x.is_contiguous():
-        raise ValueError(f"x must be a contiguous (N, K, ...) tensor, got shape {tuple(x.shape)}.")
-    n, k = int(x.shape[0]), int(x.shape[1])
-    spatial = x.numel() // max(n * k, 1)
-    m = int(weight.shape[0])
-    w2 = weight.detach().reshape(m, -1).contiguous()
-    if w2.shape[1] != k:
-        raise ValueError(f"weight must be ({m}, {k}[, 1, 1, 1]), got {tuple(weight.shape)}.")
-    _check(w2, "weight")
-    _check_param(bias, "bias", [m])
-    if (scale is None) != (shift is None):
-        raise ValueError("scale and shift go together.")
-    for t, name in ((scale, "scale"), (shift, "shift")):
-        if t is not None:
-            _check(t, name)
-            if tuple(t.shape) != (n, k) or not t.is_contiguous():
-                raise ValueError(f"{name} must be contiguous ({n}, {k}), got {tuple(t.shape)}.")
-    if prelu_weight is not None and scale is None:
-        raise ValueError("prelu_weight needs scale and shift (the activation follows the affine).")
-    _check_param(prelu_weight, "prelu_weight", [1, k])
-    y = x.new_empty((n, m) + tuple(x.shape[2:]))
-    st = torch.zeros((n, m, 2), dtype=torch.float64) if stats else None
-    alpha = None if prelu_weight is None else prelu_weight.detach()
-    with torch.profiler.record_function("medseg_nets.native.act_gemm"):
-        lib.mn_act_gemm(
-            _ptr(x), _ptr(scale), _ptr(shift), _ptr(alpha), 0 if alpha is None else int(alpha.numel()),
-            _ptr(w2), _ptr(None if bias is None else bias.detach()), _ptr(y), _ptr(st), n, k, m, spatial,
-            torch.get_num_threads(),
-        )  # fmt: skip
-    if _observers:
-        params = _nbytes(w2, bias, alpha)
-        _report("act_gemm", 2 * m * x.numel(), _nbytes(x, scale, shift) + params, _nbytes(y, st), params)
-    return y, st
-
-
-def affine_act(
-    x: torch.Tensor,
-    scale: torch.Tensor,
-    shift: torch.Tensor,
-    prelu_weight: Optional[torch.Tensor] = None,
-    residual: Optional[torch.Tensor] = None,
-    out: Optional[torch.Tensor] = None,
-    stats: bool = False,
-) -> "tuple[torch.Tensor, Optional[torch.Tensor]]":
-    """``PReLU(x * scale + shift) + residual`` per (sample, channel) for a contiguous float32 ``x`` ``(N, C, ...)``
-    (``scale``/``shift`` float32 ``(N, C)``; no PReLU when ``prelu_weight`` is ``None``, no residual when it is
-    ``None``), written into ``out`` (``x`` itself for in place; default a new tensor). Returns the result and, with
-    ``stats``, its float64 ``(N, C, 2)`` sums and sums of squares per channel."""
-    lib = _lib_or_raise()
-    _check(x, "x")
-    if x.dim() < 2 or not x.is_contiguous():
-        raise ValueError(f"x must be a contiguous (N, C, ...) tensor, got shape {tuple(x.shape)}.")
-    n, c = int(x.shape[0]), int(x.shape[1])
-    spatial = x.numel() // max(n * c, 1)
-    for t, name in ((scale, "scale"), (shift, "shift")):
-        _check(t, name)
-        if tuple(t.shape) != (n, c) or not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous ({n}, {c}), got {tuple(t.shape)}.")
-    if residual is not None:
-        _check(residual, "residual")
-        if residual.shape != x.shape or not residual.is_contiguous():
-            raise ValueError(f"residual must be contiguous {tuple(x.shape)}, got {tuple(residual.shape)}.")
-    _check_param(prelu_weight, "prelu_weight", [1, c])
-    if out is None:
-        out = torch.empty_like(x)
-    _check(out, "out")
-    if out.shape != x.shape or not out.is_contiguous():
-        raise ValueError(f"out must be contiguous {tuple(x.shape)}, got {tuple(out.shape)}.")
-    st = torch.empty((n, c, 2), dtype=torch.float64) if stats else None
-    alpha = None if prelu_weight is None else prelu_weight.detach()
-    with torch.profiler.record_function("medseg_nets.native.affine_act"):
-        lib.mn_affine_act(
-            _ptr(x), _ptr(residual), _ptr(out), _ptr(scale), _ptr(shift), _ptr(alpha),
-            0 if alpha is None else int(alpha.numel()), _ptr(st), n, c, spatial, torch.get_num_threads(),
-        )  # fmt: skip
-    if _observers:
-        params = _nbytes(alpha)
-        _report("affine_act", 0, _nbytes(x, residual, scale, shift) + params, _nbytes(out, st), params)
-    return out, st

@@ -62,14 +62,18 @@ def profile_layers(model: nn.Module, x: torch.Tensor, device: torch.device, row_
         rec[0] += time.perf_counter() - started.pop(id(mod))
         rec[1] += 1
 
+    in_kernel: list[str] = []
+
     def timed(name: str, fn: Any) -> Any:
         def call(*args: Any, **kwargs: Any) -> Any:
-            if started:  # inside a timed leaf module: its time already counts there
+            if started or in_kernel:  # inside a timed leaf module or kernel call: its time already counts there
                 return fn(*args, **kwargs)
+            in_kernel.append(name)
             t0 = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
+                in_kernel.pop()
                 rec = spent.setdefault(f"medseg_nets.native.{name} (fused C kernel)", [0.0, 0])
                 rec[0] += time.perf_counter() - t0
                 rec[1] += 1
