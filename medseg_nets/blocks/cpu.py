@@ -128,7 +128,7 @@ def patch_conv_transpose3d(x: torch.Tensor, weight: torch.Tensor, bias: Optional
     wm = weight.reshape(c, c_out * k * k * k).t().unsqueeze(0).expand(n, c_out * k * k * k, c)
     y = torch.bmm(wm, x.reshape(n, c, d * h * w)).view(n, c_out, k, k, k, d, h, w)
     y = y.permute(0, 1, 5, 2, 6, 3, 7, 4).reshape(n, c_out, d * k, h * k, w * k)
-    return y if bias is None else y + bias.view(1, c_out, 1, 1, 1)
+    return y if bias is None else y.add_(bias.view(1, c_out, 1, 1, 1))
 
 
 def _patch_fast_path(enabled: bool, x: torch.Tensor, multiple: int) -> bool:

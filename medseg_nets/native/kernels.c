@@ -358,11 +358,11 @@ int mn_depthwise3d(const float *x, const float *const *w, const float *const *b,
                    int64_t y_sample_stride, int64_t stats_sample_stride, int post, const float *const *gn_w,
                    const float *const *gn_b, const float *const *act, const int64_t *act_len, double eps,
                    int threads) {
-    mn_dw_ctx ctx;
+    mn_dw_ctx ctx = {.x = x, .nb = nb, .y = y, .stats = stats, .c = c, .d = d, .h = h, .w = wd,
+                     .y_sample_stride = y_sample_stride, .stats_sample_stride = stats_sample_stride, .k = k,
+                     .post = post, .eps = eps};
     int bi;
     if (nb < 1 || nb > MN_MAX_BRANCHES || k < 1 || k % 2 == 0 || k > 15) return -1;
-    memset(&ctx, 0, sizeof ctx);
-    ctx.x = x;
     for (bi = 0; bi < nb; ++bi) {
         ctx.wt[bi] = w[bi];
         ctx.b[bi] = b[bi];
@@ -374,18 +374,6 @@ int mn_depthwise3d(const float *x, const float *const *w, const float *const *b,
             ctx.act_len[bi] = act_len[bi];
         }
     }
-    ctx.nb = nb;
-    ctx.y = y;
-    ctx.stats = stats;
-    ctx.c = c;
-    ctx.d = d;
-    ctx.h = h;
-    ctx.w = wd;
-    ctx.k = k;
-    ctx.y_sample_stride = y_sample_stride;
-    ctx.stats_sample_stride = stats_sample_stride;
-    ctx.post = post;
-    ctx.eps = eps;
     return mn_parallel_for(n * c, threads, mn_dw_task, &ctx);
 }
 
@@ -457,17 +445,7 @@ static void mn_na_task(const void *vctx, int64_t begin, int64_t end) {
 
 int mn_norm_act(const float *x, const float *r, float *y, const double *stats, const float *gamma, const float *beta,
                 const float *alpha, int64_t alpha_len, int64_t n, int64_t c, int64_t S, double eps, int threads) {
-    mn_na_ctx ctx;
-    ctx.x = x;
-    ctx.r = r;
-    ctx.y = y;
-    ctx.stats = stats;
-    ctx.gamma = gamma;
-    ctx.beta = beta;
-    ctx.alpha = alpha;
-    ctx.alpha_len = alpha_len;
-    ctx.c = c;
-    ctx.S = S;
-    ctx.eps = eps;
+    const mn_na_ctx ctx = {.x = x, .r = r, .y = y, .stats = stats, .gamma = gamma, .beta = beta, .alpha = alpha,
+                           .c = c, .S = S, .alpha_len = alpha_len, .eps = eps};
     return mn_parallel_for(n * c, threads, mn_na_task, &ctx);
 }
