@@ -22,7 +22,8 @@ equal the parents' to float32 rounding (``tests/test_cpu_layers.py``); ``cpu_fas
 - :class:`PatchConv3d` / :class:`PatchConvTranspose3d` (``nn.Conv3d`` / ``nn.ConvTranspose3d`` with kernel ==
   stride, no padding: GLIMS's 2x2x2 down- and up-sampling): the patches do not overlap, so the convolution is one
   matrix product on the map reordered patch by patch (space-to-depth, or the product followed by depth-to-space for
-  the transposed one): 1.5x (down) and 1.8x (up) faster than oneDNN at GLIMS's full-resolution widths.
+  the transposed one): 1.5x (down) and 1.8x (up) faster than oneDNN at GLIMS's full-resolution widths (one-off
+  timings, 2026-11-30).
 - :class:`ConvNormPReLU` (``nn.Sequential(conv, norm, nn.PReLU())``, same keys): in inference on CPU, with
   :mod:`medseg_nets.native` available, the norm (one group per channel) and the PReLU run as one fused kernel
   (:func:`medseg_nets.native.norm_act`, in place on the convolution's output): one read for the statistics and one

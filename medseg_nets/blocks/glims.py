@@ -289,7 +289,7 @@ class CSAB(nn.Module):
     def _spatial_native(self, pooled: torch.Tensor) -> Optional[torch.Tensor]:
         """``self.spatial(pooled)`` (2 channels -> 1, ``k^3``, no bias) as the sum of the two channels' depth-wise
         convolutions by :func:`medseg_nets.native.depthwise3d` (5x faster than oneDNN's 7^3 convolution on a 96^3
-        map); ``None`` outside inference on CPU (:func:`~medseg_nets.blocks.depthwise.use_native_kernels`) or where
+        map, one-off timing); ``None`` outside inference on CPU (:func:`~medseg_nets.blocks.depthwise.use_native_kernels`) or where
         that layer is not the plain 'same' convolution this assumes."""
         conv = self.spatial
         if not use_native_kernels(pooled):
