@@ -63,32 +63,16 @@ def test_depthwise_matches_conv3d(k, dil, shape, threads):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        stats = torch.full((shape[0], c, 2), float("nan"), dtype=torch.float64)
-        y = native.depthwise3d(x, w, b, dil, stats=stats)
+        y = native.depthwise3d(x, w, b, dil)
         y0 = native.depthwise3d(x, w, None, dil)
+        # the statistics the kernel gathers as it writes the output, through the norm they feed
+        normed = native.depthwise3d_branches(x, [w], [b], [dil], norm_weights=[None])
     finally:
         torch.set_num_threads(before)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(y0, ref - b.view(1, c, 1, 1, 1), rtol=1e-5, atol=1e-5)
-    r = ref.double()
-    torch.testing.assert_close(stats[..., 0], r.sum((2, 3, 4)), rtol=1e-6, atol=1e-4)
-    torch.testing.assert_close(stats[..., 1], (r * r).sum((2, 3, 4)), rtol=1e-6, atol=1e-4)
-
-
-def test_depthwise_writes_into_channel_slices():
-    """Branches write their outputs and statistics into slices of one wider map (as the DACB does)."""
-    torch.manual_seed(0)
-    x = torch.randn(2, 3, 6, 5, 17)
-    z = torch.full((2, 9, 6, 5, 17), float("nan"))
-    stats = torch.full((2, 9, 2), float("nan"), dtype=torch.float64)
-    refs = []
-    for i, dil in enumerate((1, 2, 3)):
-        w, b = torch.randn(3, 1, 3, 3, 3), torch.randn(3)
-        native.depthwise3d(x, w, b, dil, out=z[:, 3 * i : 3 * i + 3], stats=stats[:, 3 * i : 3 * i + 3])
-        refs.append(F.conv3d(x, w, b, padding=dil, dilation=dil, groups=3))
-    ref = torch.cat(refs, 1)
-    torch.testing.assert_close(z, ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(stats[..., 0], ref.double().sum((2, 3, 4)), rtol=1e-6, atol=1e-4)
+    expected = F.group_norm(ref.double(), c, eps=1e-5).float()
+    torch.testing.assert_close(normed, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_depthwise_branches_read_the_input_once_and_match_each_convolution():
@@ -96,11 +80,9 @@ def test_depthwise_branches_read_the_input_once_and_match_each_convolution():
     x = torch.randn(2, 3, 7, 9, 21)
     ws = [torch.randn(3, 1, 3, 3, 3) for _ in range(3)]
     bs = [torch.randn(3), None, torch.randn(3)]
-    stats = torch.full((2, 9, 2), float("nan"), dtype=torch.float64)
-    z = native.depthwise3d_branches(x, ws, bs, [1, 2, 4], stats=stats)
+    z = native.depthwise3d_branches(x, ws, bs, [1, 2, 4])
     ref = torch.cat([F.conv3d(x, w, b, padding=d, dilation=d, groups=3) for w, b, d in zip(ws, bs, [1, 2, 4])], 1)
     torch.testing.assert_close(z, ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(stats[..., 1], ref.double().pow(2).sum((2, 3, 4)), rtol=1e-6, atol=1e-4)
     with pytest.raises(ValueError, match="branches"):
         native.depthwise3d_branches(x, ws, bs[:2], [1, 2, 3])
     # with each branch's GroupNorm(C, C) + PReLU applied in the kernel
@@ -123,10 +105,13 @@ def test_statistics_without_cancellation():
     ref = F.group_norm(x.double(), 2, eps=1e-8).float()
     y = native.norm_act(x, eps=1e-8)
     assert _rel(y, ref) < 1e-3
-    stats = torch.empty(1, 2, 2, dtype=torch.float64)
-    native.depthwise3d(x, torch.zeros(2, 1, 3, 3, 3), torch.tensor([5.0, -7.0]), 1, stats=stats)
-    n = x[0, 0].numel()
-    torch.testing.assert_close(stats[0, :, 0], torch.tensor([5.0 * n, -7.0 * n], dtype=torch.float64))
+    # the depth-wise kernel's own statistics: an identity convolution (centre tap 1) plus a bias, then its norm
+    identity = torch.zeros(2, 1, 3, 3, 3)
+    identity[:, 0, 1, 1, 1] = 1.0
+    bias = torch.tensor([5.0, -7.0])
+    y = native.depthwise3d_branches(x, [identity], [bias], [1], norm_weights=[None], eps=1e-8)
+    ref = F.group_norm((x + bias.view(1, 2, 1, 1, 1)).double(), 2, eps=1e-8).float()
+    assert _rel(y, ref) < 1e-3
 
 
 @pytest.mark.parametrize("residual", [False, True])
@@ -144,10 +129,8 @@ def test_norm_act_matches_group_norm_prelu(residual, affine, slopes):
         ref = F.prelu(ref, a)
     torch.testing.assert_close(native.norm_act(x, residual=r, weight=w, bias=b, prelu_weight=a), ref, rtol=1e-5,
                                atol=1e-5)
-    stats = torch.stack([(x + r if residual else x).double().sum((2, 3, 4)),
-                         (x + r if residual else x).double().pow(2).sum((2, 3, 4))], -1).contiguous()
     inplace = x.clone()
-    out = native.norm_act(inplace, out=inplace, residual=r, stats=stats, weight=w, bias=b, prelu_weight=a)
+    out = native.norm_act(inplace, out=inplace, residual=r, weight=w, bias=b, prelu_weight=a)
     assert out.data_ptr() == inplace.data_ptr()
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
@@ -162,8 +145,8 @@ def test_argument_checks():
         native.depthwise3d(x.double(), torch.randn(2, 1, 3, 3, 3).double(), None)
     with pytest.raises(ValueError, match="prelu_weight"):
         native.norm_act(x, prelu_weight=torch.ones(3))
-    with pytest.raises(ValueError, match="stats"):
-        native.norm_act(x, stats=torch.zeros(1, 2, 2))  # float32, not float64
+    with pytest.raises(ValueError, match="residual"):
+        native.norm_act(x, residual=torch.zeros(1, 2, 4, 4))
 
 
 def test_depthwise_layer_takes_kernel_in_inference_only():

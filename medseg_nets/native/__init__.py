@@ -8,13 +8,12 @@ layout copies, group/instance norm, PReLU, residual add), each reading and writi
 here do such a chain in fewer passes over the channels-first maps as they are:
 
 - :func:`depthwise3d`: depth-wise ``k^3`` convolution (stride 1, 'same' zero padding ``dilation * (k // 2)``)
-  straight on ``(N, C, D, H, W)`` (no channels-last copies), optionally with the per-channel sums and sums of
-  squares of its output (the statistics of the norm that follows, without reading the output again);
-  :func:`depthwise3d_branches` several of them on the same input (GLIMS's three dilations), reading it once, and
-  optionally each output channel's group norm (one group per channel) and PReLU applied while it is in cache.
+  straight on ``(N, C, D, H, W)`` (no channels-last copies); :func:`depthwise3d_branches` several of them on the
+  same input (GLIMS's three dilations), reading it once, and optionally each output channel's group norm (one
+  group per channel) and PReLU applied while it is in cache (its statistics gathered as the output is written).
 - :func:`norm_act`: per-channel normalisation (instance norm, or group norm with one group per channel; biased
   variance, ``eps``), optional affine, and PReLU, of ``x`` or ``x + residual``, in one read for the statistics
-  (none when given) and one read-write pass, in place if asked.
+  and one read-write pass, in place if asked.
 
 They compute the same arithmetic as the PyTorch layers in a different order (statistics about a shift, the first
 value of each channel, so that the variance has no cancellation; float lanes over short blocks summed in double):
@@ -190,10 +189,9 @@ def _build() -> ctypes.CDLL:
 def _declare(lib: ctypes.CDLL) -> None:
     p, i64, i32, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
     lib.mn_depthwise3d.restype = i32
-    lib.mn_depthwise3d.argtypes = [p, p, p, p, i32, p, p, i64, i64, i64, i64, i64, i32, i64, i64, i32, p, p, p, p,
-                                   f64, i32]
+    lib.mn_depthwise3d.argtypes = [p, p, p, p, i32, p, i64, i64, i64, i64, i64, i32, i32, p, p, p, p, f64, i32]
     lib.mn_norm_act.restype = i32
-    lib.mn_norm_act.argtypes = [p, p, p, p, p, p, p, i64, i64, i64, i64, f64, i32]
+    lib.mn_norm_act.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, f64, i32]
 
 
 def library() -> Optional[ctypes.CDLL]:
@@ -243,9 +241,9 @@ def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
     return None if t is None else int(t.data_ptr())
 
 
-def _check(t: torch.Tensor, name: str, dtype: torch.dtype = torch.float32) -> None:
-    if t.device.type != "cpu" or t.dtype != dtype:
-        raise ValueError(f"{name} must be a CPU {dtype} tensor, got {t.device} {t.dtype}.")
+def _check(t: torch.Tensor, name: str) -> None:
+    if t.device.type != "cpu" or t.dtype != torch.float32:
+        raise ValueError(f"{name} must be a CPU torch.float32 tensor, got {t.device} {t.dtype}.")
 
 
 def _check_param(t: Optional[torch.Tensor], name: str, sizes: List[int]) -> None:
@@ -253,16 +251,6 @@ def _check_param(t: Optional[torch.Tensor], name: str, sizes: List[int]) -> None
         _check(t, name)
         if not t.is_contiguous() or t.numel() not in sizes:
             raise ValueError(f"{name} must be contiguous with {' or '.join(map(str, sizes))} values, got {t.shape}.")
-
-
-def _samples_contiguous(t: torch.Tensor) -> bool:
-    """Each sample ``t[i]`` is one contiguous block (``t`` itself may be a channel slice of a wider map)."""
-    expect = 1
-    for size, stride in zip(reversed(t.shape[1:]), reversed(t.stride()[1:])):
-        if size != 1 and stride != expect:
-            return False
-        expect *= size
-    return True
 
 
 def _lib_or_raise() -> ctypes.CDLL:
@@ -277,16 +265,11 @@ def depthwise3d(
     weight: torch.Tensor,
     bias: Optional[torch.Tensor],
     dilation: int = 1,
-    out: Optional[torch.Tensor] = None,
-    stats: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """``F.conv3d(x, weight, bias, padding=dilation * (k // 2), dilation=dilation, groups=C)`` for a contiguous
-    float32 ``x`` ``(N, C, D, H, W)`` and ``weight`` ``(C, 1, k, k, k)`` (``k`` odd, at most 15), without autograd.
-
-    ``out``: write into this ``(N, C, D, H, W)`` tensor (each sample contiguous, e.g. a channel slice of a wider
-    map). ``stats``: a float64 ``(N, C, 2)`` tensor (each sample contiguous, e.g. a slice of ``(N, C_total, 2)``)
-    that receives the sum and the sum of squares of each output channel. Returns ``out``."""
-    return depthwise3d_branches(x, [weight], [bias], [dilation], out, stats)
+    float32 ``x`` ``(N, C, D, H, W)`` and ``weight`` ``(C, 1, k, k, k)`` (``k`` odd, at most 15), without autograd;
+    a new contiguous tensor."""
+    return depthwise3d_branches(x, [weight], [bias], [dilation])
 
 
 def depthwise3d_branches(
@@ -294,24 +277,21 @@ def depthwise3d_branches(
     weights: Sequence[torch.Tensor],
     biases: Sequence[Optional[torch.Tensor]],
     dilations: Sequence[int],
-    out: Optional[torch.Tensor] = None,
-    stats: Optional[torch.Tensor] = None,
     norm_weights: Optional[Sequence[Optional[torch.Tensor]]] = None,
     norm_biases: Optional[Sequence[Optional[torch.Tensor]]] = None,
     prelu_weights: Optional[Sequence[Optional[torch.Tensor]]] = None,
     eps: float = 1e-5,
 ) -> torch.Tensor:
     """Several depth-wise convolutions of the same ``x`` (one per branch: its ``(C, 1, k, k, k)`` weight, bias or
-    ``None`` and dilation; the same ``k``; at most 8 branches) concatenated along the channels: ``out`` ``(N, B * C,
-    D, H, W)`` (each sample contiguous) and optionally ``stats`` ``(N, B * C, 2)``, as :func:`depthwise3d` each. The
-    input is read from memory once for all branches.
+    ``None`` and dilation; the same ``k``; at most 8 branches) concatenated along the channels, a new contiguous
+    ``(N, B * C, D, H, W)`` tensor, each branch as :func:`depthwise3d`. The input is read from memory once for all
+    branches.
 
     With ``norm_weights`` (one entry per branch; an entry, like those of ``norm_biases``, may be ``None``), each
     output channel is then normalised over its voxels (group norm with one group per channel: its mean, biased
     variance and ``eps``), scaled and shifted by the branch's norm weight and bias, and passed through PReLU with
     the branch's ``prelu_weights`` entry (1 or ``C`` slopes; ``None``: none), in place while it is still in cache:
-    ``PReLU(GN(DWConv(x)))`` per branch in one kernel (``stats`` are still those of the convolution). Returns
-    ``out``."""
+    ``PReLU(GN(DWConv(x)))`` per branch in one kernel."""
     lib = _lib_or_raise()
     _check(x, "x")
     if x.dim() != 5 or not x.is_contiguous():
@@ -332,18 +312,7 @@ def depthwise3d_branches(
         bs.append(None if bias is None else bias.detach())
     if any(int(v) < 1 for v in dilations):
         raise ValueError(f"dilations must be >= 1, got {list(dilations)}.")
-    shape = (n, nb * c, d, h, w)
-    if out is None:
-        out = x.new_empty(shape)
-    _check(out, "out")
-    if tuple(out.shape) != shape or not _samples_contiguous(out):
-        raise ValueError(f"out must be {shape} with each sample contiguous, got {tuple(out.shape)}.")
-    stats_stride = 0
-    if stats is not None:
-        _check(stats, "stats", torch.float64)
-        if tuple(stats.shape) != (n, nb * c, 2) or not _samples_contiguous(stats):
-            raise ValueError(f"stats must be ({n}, {nb * c}, 2) with each sample contiguous, got {tuple(stats.shape)}.")
-        stats_stride = int(stats.stride(0)) // 2
+    out = x.new_empty((n, nb * c, d, h, w))
     post = norm_weights is not None
     gw: List[Optional[torch.Tensor]] = [None] * nb
     gb: List[Optional[torch.Tensor]] = [None] * nb
@@ -364,8 +333,7 @@ def depthwise3d_branches(
     dils = (ctypes.c_int * nb)(*[int(v) for v in dilations])
     with torch.profiler.record_function("medseg_nets.native.depthwise3d"):
         rc = lib.mn_depthwise3d(
-            _ptr(x), w_ptrs, b_ptrs, dils, nb, _ptr(out), _ptr(stats), n, c, d, h, w, k, int(out.stride(0)),
-            stats_stride, int(post), (ctypes.c_void_p * nb)(*[_ptr(t) for t in gw]),
+            _ptr(x), w_ptrs, b_ptrs, dils, nb, _ptr(out), n, c, d, h, w, k, int(post), (ctypes.c_void_p * nb)(*[_ptr(t) for t in gw]),
             (ctypes.c_void_p * nb)(*[_ptr(t) for t in gb]), (ctypes.c_void_p * nb)(*[_ptr(t) for t in ga]),
             (ctypes.c_int64 * nb)(*[0 if t is None else int(t.numel()) for t in ga]), float(eps),
             torch.get_num_threads(),
@@ -374,7 +342,7 @@ def depthwise3d_branches(
         raise RuntimeError(f"mn_depthwise3d failed (code {rc}).")
     if _observers:
         params = _nbytes(*ws, *bs, *gw, *gb, *ga)
-        _report("depthwise3d", 2 * k**3 * x.numel() * nb, _nbytes(x) + params, _nbytes(out, stats), params)
+        _report("depthwise3d", 2 * k**3 * x.numel() * nb, _nbytes(x) + params, _nbytes(out), params)
     return out
 
 
@@ -382,7 +350,6 @@ def norm_act(
     x: torch.Tensor,
     out: Optional[torch.Tensor] = None,
     residual: Optional[torch.Tensor] = None,
-    stats: Optional[torch.Tensor] = None,
     weight: Optional[torch.Tensor] = None,
     bias: Optional[torch.Tensor] = None,
     prelu_weight: Optional[torch.Tensor] = None,
@@ -391,8 +358,7 @@ def norm_act(
     """``F.prelu(F.group_norm(x + residual, C, weight, bias, eps), prelu_weight)`` for a contiguous float32 ``x``
     ``(N, C, *spatial)`` (= instance norm with ``weight``/``bias`` as its affine), without autograd.
 
-    ``residual``: optional, shaped and laid out as ``x``. ``stats``: float64 ``(N, C, 2)`` sums and sums of squares
-    of ``x (+ residual)`` per channel (e.g. from :func:`depthwise3d`), else they are computed. ``prelu_weight``:
+    ``residual``: optional, shaped and laid out as ``x``. ``prelu_weight``:
     one slope or ``C`` (``None``: no activation). ``out``: the result tensor (``x`` itself for in place; default a
     new one). Returns ``out``."""
     lib = _lib_or_raise()
@@ -405,10 +371,6 @@ def norm_act(
         _check(residual, "residual")
         if residual.shape != x.shape or not residual.is_contiguous():
             raise ValueError(f"residual must be contiguous {tuple(x.shape)}, got {tuple(residual.shape)}.")
-    if stats is not None:
-        _check(stats, "stats", torch.float64)
-        if tuple(stats.shape) != (n, c, 2) or not stats.is_contiguous():
-            raise ValueError(f"stats must be contiguous ({n}, {c}, 2), got {tuple(stats.shape)}.")
     _check_param(weight, "weight", [c])
     _check_param(bias, "bias", [c])
     _check_param(prelu_weight, "prelu_weight", [1, c])
@@ -420,12 +382,12 @@ def norm_act(
     alpha = None if prelu_weight is None else prelu_weight.detach()
     with torch.profiler.record_function("medseg_nets.native.norm_act"):
         lib.mn_norm_act(
-            _ptr(x), _ptr(residual), _ptr(out), _ptr(stats),
+            _ptr(x), _ptr(residual), _ptr(out),
             _ptr(None if weight is None else weight.detach()), _ptr(None if bias is None else bias.detach()),
             _ptr(alpha), 0 if alpha is None else int(alpha.numel()), n, c, spatial, float(eps),
             torch.get_num_threads(),
         )  # fmt: skip
     if _observers:
         params = _nbytes(weight, bias, alpha)
-        _report("norm_act", 0, _nbytes(x, residual, stats) + params, _nbytes(out), params)
+        _report("norm_act", 0, _nbytes(x, residual) + params, _nbytes(out), params)
     return out

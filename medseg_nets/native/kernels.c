@@ -8,11 +8,11 @@
  *
  * - mn_depthwise3d: depth-wise k x k x k convolution (1 to 8 branches of the same input, each with its weights
  *   and dilation), stride 1, 'same' zero padding dil * (k / 2), read and written channels-first (no layout
- *   copies), the input read once; optionally the per-plane sum and sum of squares of each output, and each
- *   output plane's normalisation + affine + PReLU applied in place while it is in cache.
+ *   copies), the input read once; optionally each output plane's normalisation + affine + PReLU applied in place
+ *   while it is in cache.
  * - mn_norm_act: per-plane normalisation (instance norm, or group norm with one group per channel), optional
  *   per-channel affine, then PReLU (one or per-channel slope), of x or of x + r, in one read for the statistics
- *   (skipped when they are given) and one read-write pass; in place when y == x.
+ *   and one read-write pass; in place when y == x.
  */
 #include <math.h>
 #include <pthread.h>
@@ -119,6 +119,39 @@ static void mn_unshift(double *s, double shift, int64_t S) {
     s[1] = sumsq + 2.0 * shift * sum + (double)S * shift * shift;
 }
 
+/* Per-channel normalisation as an affine map: from the sums s[0], s[1] of S values, the biased variance and eps,
+ * scale = gamma[ch] / sqrt(var + eps) and shift = beta[ch] - mean * scale (gamma / beta NULL: 1 / 0). */
+static void mn_affine_from_sums(const double *s, int64_t S, double eps, const float *gamma, const float *beta,
+                                int64_t ch, float *scale, float *shift) {
+    const double mean = s[0] / (double)S;
+    double var = s[1] / (double)S - mean * mean;
+    double rstd, g, bt;
+    if (var < 0.0) var = 0.0;
+    rstd = 1.0 / sqrt(var + eps);
+    g = gamma ? (double)gamma[ch] : 1.0;
+    bt = beta ? (double)beta[ch] : 0.0;
+    *scale = (float)(rstd * g);
+    *shift = (float)(bt - mean * rstd * g);
+}
+
+/* y = PReLU((x (+ r)) * scale + shift) over S values, slope *alpha (alpha NULL: no PReLU); y may be x. */
+static void mn_affine_prelu(const float *x, const float *restrict r, float *y, int64_t S, float scale, float shift,
+                            const float *alpha) {
+    const float a = alpha ? *alpha : 1.0f;
+    int64_t i;
+    if (r) {
+        for (i = 0; i < S; ++i) {
+            const float v = (x[i] + r[i]) * scale + shift;
+            y[i] = v > 0.0f ? v : a * v;
+        }
+    } else {
+        for (i = 0; i < S; ++i) {
+            const float v = x[i] * scale + shift;
+            y[i] = v > 0.0f ? v : a * v;
+        }
+    }
+}
+
 /* ---------------------------------------------------------------- depth-wise convolution */
 
 #define MN_MAX_BRANCHES 8
@@ -129,9 +162,8 @@ typedef struct {
     const float *b[MN_MAX_BRANCHES];     /* per branch (c) or NULL */
     int dil[MN_MAX_BRANCHES];
     int nb;                              /* branches: same input, kernel size; own weights and dilation */
-    float *y;            /* plane (s, branch, ch) at y + s * y_sample_stride + (branch * c + ch) * D*H*W */
-    double *stats;       /* (s, branch, ch) -> stats[(s * stats_sample_stride + branch * c + ch) * 2 + {0, 1}] or NULL */
-    int64_t c, d, h, w, y_sample_stride, stats_sample_stride;
+    float *y;                            /* (n, nb * c, D, H, W) contiguous: branch bi at channels bi * c .. */
+    int64_t c, d, h, w;
     int k;
     /* optional, per branch: each finished output plane normalised (its own mean and biased variance, eps), with
      * the affine gn_w / gn_b (NULL: 1 / 0), then PReLU with slopes act[bi] (act_len[bi] 1 or c; NULL: none), in
@@ -259,7 +291,7 @@ static void mn_dw_task(const void *vctx, int64_t begin, int64_t end) {
                     const int64_t rb = (int64_t)dil * (k / 2), corner = (pad - rb) * Wp + (pad - rb);
                     const float *restrict wk = ctx->wt[bi] + ch * (int64_t)kk;
                     const float bias = ctx->b[bi] ? ctx->b[bi][ch] : 0.0f;
-                    float *restrict yout = ctx->y + s * ctx->y_sample_stride + (bi * ctx->c + ch) * plane;
+                    float *restrict yout = ctx->y + ((s * nb + bi) * ctx->c + ch) * plane;
                     mn_vec sa = (mn_vec){0}, sq = (mn_vec){0}; /* this slice's shifted sums, full vectors */
                     double tail[2] = {0.0, 0.0};                /* and the rows' last W % MN_VEC values */
                     int kd;
@@ -283,7 +315,7 @@ static void mn_dw_task(const void *vctx, int64_t begin, int64_t end) {
                             if (i < Wr) mn_dw_vectors(shifted, offb, wk, k, bias, i, 0, row + i);
                         }
                         memcpy(yout + (od * H + oh) * W, row, sizeof(float) * (size_t)W);
-                        if (ctx->stats || ctx->post) {
+                        if (ctx->post) {
                             int64_t j;
                             if (od == 0 && oh == 0) shift[bi] = row[0];
                             for (j = 0; j + MN_VEC <= W; j += MN_VEC) {
@@ -298,7 +330,7 @@ static void mn_dw_task(const void *vctx, int64_t begin, int64_t end) {
                             }
                         }
                     }
-                    if (ctx->stats || ctx->post) {
+                    if (ctx->post) {
                         int l;
                         for (l = 0; l < MN_VEC; ++l) {
                             st[bi][0] += sa[l];
@@ -309,36 +341,13 @@ static void mn_dw_task(const void *vctx, int64_t begin, int64_t end) {
                     }
                 }
             }
-            for (bi = 0; bi < nb; ++bi) {
+            for (bi = 0; bi < nb && ctx->post; ++bi) {
+                float *restrict yp = ctx->y + ((s * nb + bi) * ctx->c + ch) * plane;
+                float sc, sh;
                 mn_unshift(st[bi], (double)shift[bi], plane);
-                if (ctx->stats) {
-                    double *out = ctx->stats + (s * ctx->stats_sample_stride + bi * ctx->c + ch) * 2;
-                    out[0] = st[bi][0];
-                    out[1] = st[bi][1];
-                }
-                if (ctx->post) {
-                    float *restrict yp = ctx->y + s * ctx->y_sample_stride + (bi * ctx->c + ch) * plane;
-                    const double mean = st[bi][0] / (double)plane;
-                    double var = st[bi][1] / (double)plane - mean * mean;
-                    double rstd, g, bt;
-                    float sc, sh, a;
-                    int64_t j;
-                    if (var < 0.0) var = 0.0;
-                    rstd = 1.0 / sqrt(var + ctx->eps);
-                    g = ctx->gn_w[bi] ? (double)ctx->gn_w[bi][ch] : 1.0;
-                    bt = ctx->gn_b[bi] ? (double)ctx->gn_b[bi][ch] : 0.0;
-                    sc = (float)(rstd * g);
-                    sh = (float)(bt - mean * rstd * g);
-                    if (ctx->act[bi]) {
-                        a = ctx->act[bi][ctx->act_len[bi] == 1 ? 0 : ch];
-                        for (j = 0; j < plane; ++j) {
-                            const float t = yp[j] * sc + sh;
-                            yp[j] = t > 0.0f ? t : a * t;
-                        }
-                    } else {
-                        for (j = 0; j < plane; ++j) yp[j] = yp[j] * sc + sh;
-                    }
-                }
+                mn_affine_from_sums(st[bi], plane, ctx->eps, ctx->gn_w[bi], ctx->gn_b[bi], ch, &sc, &sh);
+                mn_affine_prelu(yp, NULL, yp, plane, sc, sh,
+                                ctx->act[bi] ? ctx->act[bi] + (ctx->act_len[bi] == 1 ? 0 : ch) : NULL);
             }
         }
     done:
@@ -354,13 +363,10 @@ static void mn_dw_task(const void *vctx, int64_t begin, int64_t end) {
  * (NULL entries: no bias), dilations dil[bi]; branch bi's output channels start at channel bi * c of y. With
  * post != 0, each output plane is then normalised, gn_w / gn_b applied and PReLU act[bi] (see mn_dw_ctx). */
 int mn_depthwise3d(const float *x, const float *const *w, const float *const *b, const int *dil, int nb, float *y,
-                   double *stats, int64_t n, int64_t c, int64_t d, int64_t h, int64_t wd, int k,
-                   int64_t y_sample_stride, int64_t stats_sample_stride, int post, const float *const *gn_w,
+                   int64_t n, int64_t c, int64_t d, int64_t h, int64_t wd, int k, int post, const float *const *gn_w,
                    const float *const *gn_b, const float *const *act, const int64_t *act_len, double eps,
                    int threads) {
-    mn_dw_ctx ctx = {.x = x, .nb = nb, .y = y, .stats = stats, .c = c, .d = d, .h = h, .w = wd,
-                     .y_sample_stride = y_sample_stride, .stats_sample_stride = stats_sample_stride, .k = k,
-                     .post = post, .eps = eps};
+    mn_dw_ctx ctx = {.x = x, .nb = nb, .y = y, .c = c, .d = d, .h = h, .w = wd, .k = k, .post = post, .eps = eps};
     int bi;
     if (nb < 1 || nb > MN_MAX_BRANCHES || k < 1 || k % 2 == 0 || k > 15) return -1;
     for (bi = 0; bi < nb; ++bi) {
@@ -382,7 +388,6 @@ int mn_depthwise3d(const float *x, const float *const *w, const float *const *b,
 typedef struct {
     const float *x, *r;  /* (n, c, S) contiguous; r optional (added to x first) */
     float *y;            /* (n, c, S), may be x */
-    const double *stats; /* (n, c, 2) sums and sums of squares of x (+ r), or NULL: computed */
     const float *gamma, *beta, *alpha; /* (c) or NULL; alpha: PReLU slope(s), alpha_len 1 or c, NULL: none */
     int64_t c, S, alpha_len;
     double eps;
@@ -391,61 +396,25 @@ typedef struct {
 static void mn_na_task(const void *vctx, int64_t begin, int64_t end) {
     const mn_na_ctx *ctx = (const mn_na_ctx *)vctx;
     const int64_t S = ctx->S;
-    int64_t item, i;
+    int64_t item;
     for (item = begin; item < end; ++item) {
         const int64_t ch = item % ctx->c;
-        const float *restrict x = ctx->x + item * S;
-        const float *restrict r = ctx->r ? ctx->r + item * S : NULL;
-        float *y = ctx->y + item * S; /* may alias x */
-        double sum, sumsq, mean, var;
-        float scale, shift, a;
-        if (ctx->stats) {
-            sum = ctx->stats[item * 2];
-            sumsq = ctx->stats[item * 2 + 1];
-        } else {
-            double st2[2] = {0.0, 0.0};
-            const float shift = S > 0 ? x[0] + (r ? r[0] : 0.0f) : 0.0f;
-            mn_sums(x, r, S, shift, st2);
-            mn_unshift(st2, (double)shift, S);
-            sum = st2[0];
-            sumsq = st2[1];
-        }
-        mean = sum / (double)S;
-        var = sumsq / (double)S - mean * mean;
-        if (var < 0.0) var = 0.0;
-        {
-            const double rstd = 1.0 / sqrt(var + ctx->eps);
-            const double g = ctx->gamma ? (double)ctx->gamma[ch] : 1.0;
-            const double bt = ctx->beta ? (double)ctx->beta[ch] : 0.0;
-            scale = (float)(rstd * g);
-            shift = (float)(bt - mean * rstd * g);
-        }
-        if (ctx->alpha) {
-            a = ctx->alpha[ctx->alpha_len == 1 ? 0 : ch];
-            if (r) {
-                for (i = 0; i < S; ++i) {
-                    const float v = (x[i] + r[i]) * scale + shift;
-                    y[i] = v > 0.0f ? v : a * v;
-                }
-            } else {
-                for (i = 0; i < S; ++i) {
-                    const float v = x[i] * scale + shift;
-                    y[i] = v > 0.0f ? v : a * v;
-                }
-            }
-        } else {
-            if (r) {
-                for (i = 0; i < S; ++i) y[i] = (x[i] + r[i]) * scale + shift;
-            } else {
-                for (i = 0; i < S; ++i) y[i] = x[i] * scale + shift;
-            }
-        }
+        const float *x = ctx->x + item * S; /* may alias y */
+        const float *r = ctx->r ? ctx->r + item * S : NULL;
+        const float shift = S > 0 ? x[0] + (r ? r[0] : 0.0f) : 0.0f;
+        double st[2] = {0.0, 0.0};
+        float sc, sh;
+        mn_sums(x, r, S, shift, st);
+        mn_unshift(st, (double)shift, S);
+        mn_affine_from_sums(st, S, ctx->eps, ctx->gamma, ctx->beta, ch, &sc, &sh);
+        mn_affine_prelu(x, r, ctx->y + item * S, S, sc, sh,
+                        ctx->alpha ? ctx->alpha + (ctx->alpha_len == 1 ? 0 : ch) : NULL);
     }
 }
 
-int mn_norm_act(const float *x, const float *r, float *y, const double *stats, const float *gamma, const float *beta,
-                const float *alpha, int64_t alpha_len, int64_t n, int64_t c, int64_t S, double eps, int threads) {
-    const mn_na_ctx ctx = {.x = x, .r = r, .y = y, .stats = stats, .gamma = gamma, .beta = beta, .alpha = alpha,
-                           .c = c, .S = S, .alpha_len = alpha_len, .eps = eps};
+int mn_norm_act(const float *x, const float *r, float *y, const float *gamma, const float *beta, const float *alpha,
+                int64_t alpha_len, int64_t n, int64_t c, int64_t S, double eps, int threads) {
+    const mn_na_ctx ctx = {.x = x, .r = r, .y = y, .gamma = gamma, .beta = beta, .alpha = alpha, .c = c, .S = S,
+                           .alpha_len = alpha_len, .eps = eps};
     return mn_parallel_for(n * c, threads, mn_na_task, &ctx);
 }
