@@ -204,15 +204,16 @@ def _per_channel_norm(norm: nn.Module, channels: int) -> bool:
 @torch.jit.unused
 def native_norm_prelu(
     x: torch.Tensor, norm: nn.Module, act: nn.Module, residual: Optional[torch.Tensor] = None, inplace: bool = False
-) -> Optional[torch.Tensor]:
-    """``act(norm(x + residual))`` by :func:`medseg_nets.native.norm_act` when it applies (inference on CPU, kernels
-    available, ``norm`` per channel as in :func:`_per_channel_norm`, ``act`` an ``nn.PReLU``, ``residual`` shaped
-    as ``x``); written into ``x`` when ``inplace``. Returns ``None`` when it does not apply (the caller runs the
-    layers). Not callable from TorchScript."""
-    if not isinstance(act, nn.PReLU) or x.dim() < 3 or not _per_channel_norm(norm, int(x.shape[1])):
-        return None
-    if not use_native_kernels(x) or (residual is not None and (residual.shape != x.shape or not residual.is_contiguous())):
-        return None
+) -> torch.Tensor:
+    """``act(norm(x + residual))`` (``act(norm(x))`` without a residual): by :func:`medseg_nets.native.norm_act` when
+    it applies (inference on CPU, kernels available, ``norm`` per channel as in :func:`_per_channel_norm`, ``act``
+    an ``nn.PReLU``, ``residual`` shaped and laid out as ``x``), then written into ``x`` when ``inplace``; by the
+    layers otherwise. Not callable from TorchScript."""
+    fused = isinstance(act, nn.PReLU) and x.dim() >= 3 and _per_channel_norm(norm, int(x.shape[1]))
+    fused = fused and use_native_kernels(x)
+    fused = fused and (residual is None or (residual.shape == x.shape and residual.is_contiguous()))
+    if not fused:
+        return act(norm(x if residual is None else x + residual))
     return native.norm_act(
         x, out=x if inplace else None, residual=residual, weight=norm.weight, bias=norm.bias,
         prelu_weight=act.weight, eps=float(norm.eps),
@@ -250,8 +251,7 @@ class ConvNormPReLU(nn.Sequential):
             y = conv(x, skip_bias=True)  # the bias would be subtracted again by the norm
         else:
             y = conv(x)
-        out = native_norm_prelu(y, norm, act, inplace=True)
-        return act(norm(y)) if out is None else out
+        return native_norm_prelu(y, norm, act, inplace=True)
 
     @torch.jit.unused
     def _native_parts(self, parts: List[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -274,8 +274,7 @@ class ConvNormPReLU(nn.Sequential):
             term = pointwise_conv3d(p, w.contiguous(), None)
             y = term if y is None else y.add_(term)
             start += c
-        out = native_norm_prelu(y, norm, act, inplace=True)
-        return act(norm(y)) if out is None else out
+        return native_norm_prelu(y, norm, act, inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():

@@ -177,8 +177,7 @@ class DACB(nn.Module):
         y = self.embed(z)
         del z  # the 3C-channel map, before the projection
         y = self.project(y)
-        out = native_norm_prelu(y, self.norm, self.act, residual=x, inplace=True)
-        return self.act(self.norm(y + x)) if out is None else out
+        return native_norm_prelu(y, self.norm, self.act, residual=x, inplace=True)
 
     def _branches(self, x: torch.Tensor) -> torch.Tensor:
         """The branches one by one, concatenated; on CPU their depth-wise convolutions share one channels-last copy
